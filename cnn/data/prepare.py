@@ -1,0 +1,532 @@
+"""Prepare: decode a source once into a uint8 tensor cache, keyed by content and parameters.
+
+Cache layout (docs/internals.md): ``<cache_dir>/<dataset>-<key>/`` with ``meta.json`` and one
+``<split>.pt`` per split holding ``{"images": uint8 N,C,H,W, "labels": int64 N}``. A directory
+at that path is always complete: it is written under a temporary name, fsynced, then renamed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image, read_file
+
+from .sources import (
+    DATASETS,
+    FolderScan,
+    RawSplit,
+    SourceSpec,
+    fetch_source,
+    get_source,
+    read_source,
+    scan_imagefolder,
+)
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DEFAULT_RESOLUTION = 256  # shorter side for 224-pixel models; 32-px images stay 32 (no upscale)
+_HEADER_SAMPLE = 512  # images whose headers pick the storage size of an image folder
+
+
+@dataclass
+class PreparedInfo:
+    """What ``prepare_dataset`` returns; JSON-friendly via ``to_dict()``."""
+
+    path: Path
+    dataset: str
+    classes: list[str]
+    num_classes: int
+    in_channels: int
+    resolution: int
+    splits: dict[str, int]
+    test_is_val: bool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source_hash: str
+    cache_hit: bool
+    seconds: float
+    skipped_bad_images: int = 0
+    decoded_images: int = 0  # images decoded by this call (0 on a cache hit)
+    params: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["path"] = str(self.path)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PreparedInfo:
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        d["path"] = Path(d["path"])
+        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        return cls(**d)
+
+    def summary(self) -> str:
+        """A few human-readable lines for the CLI."""
+        how = "cache hit" if self.cache_hit else f"prepared in {self.seconds:.1f} s"
+        lines = [
+            f"dataset {self.dataset}: {self.num_classes} classes, {self.in_channels} channel(s), "
+            f"stored as uint8 {self.resolution}x{self.resolution}",
+            f"  cache: {self.path} ({how})",
+            "  splits: " + ", ".join(f"{k} {v}" for k, v in self.splits.items()),
+        ]
+        if self.test_is_val:
+            lines.append(
+                "  note: the source has no separate test split; test is the val split "
+                "(test_is_val=True)"
+            )
+        if self.skipped_bad_images:
+            lines.append(f"  skipped {self.skipped_bad_images} unreadable image(s)")
+        fmt = ", ".join
+        lines.append(
+            f"  mean ({fmt(f'{m:.4f}' for m in self.mean)})  "
+            f"std ({fmt(f'{s:.4f}' for s in self.std)})  (train split, 0..1 scale)"
+        )
+        shown = self.classes[:10]
+        more = f" ... (+{len(self.classes) - 10})" if len(self.classes) > 10 else ""
+        lines.append(f"  classes: {' '.join(shown)}{more}")
+        lines.append(f"  source hash: {self.source_hash[:16]}")
+        return "\n".join(lines)
+
+
+@dataclass
+class Prepared:
+    """A loaded cache: metadata plus per-split (images uint8 N,C,H,W, labels int64 N)."""
+
+    info: PreparedInfo
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if name not in self.splits:
+            raise KeyError(f"split {name!r} not in {self.info.path}; have {sorted(self.splits)}")
+        return self.splits[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Validation and keys
+# --------------------------------------------------------------------------------------------
+
+
+def _check_params(resolution: int | None, val_fraction: float, seed: int) -> None:
+    if resolution is not None and (not isinstance(resolution, int) or resolution < 8):
+        raise ValueError(f"resolution must be an integer >= 8 (pixels), got {resolution!r}")
+    if not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
+        raise ValueError(
+            f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}; "
+            "0.1 holds out 10% of train"
+        )
+    if not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+
+
+def cache_key(**parts: object) -> str:
+    """A short stable hash of everything that changes the prepared output."""
+    blob = json.dumps({"format": FORMAT_VERSION, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding (image folders)
+# --------------------------------------------------------------------------------------------
+
+
+def _fit(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize the shorter side to ``size`` (antialiased) and center-crop a square; uint8 CHW."""
+    if x.shape[-2:] == (size, size):
+        return x
+    x = TF.resize(x, size, antialias=True)
+    return TF.center_crop(x, [size, size])
+
+
+def _decode_one(path: str, size: int) -> torch.Tensor:
+    """Decode one file to uint8 RGB (3, size, size).
+
+    ``torchvision.io.decode_image`` (JPEG/PNG/GIF/WebP) is about 3x faster than PIL on small
+    JPEGs with identical pixels; PIL covers the other formats (BMP, TIFF, PPM, ...). A file
+    neither can decode raises, and the caller reports it by path.
+    """
+    try:
+        x = decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        with Image.open(path) as img:
+            img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when possible
+            x = torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+    if x.ndim == 4:  # animated GIF: first frame
+        x = x[0]
+    return _fit(x, size)
+
+
+def _decode_chunk(args: tuple[list[str], int]) -> tuple[torch.Tensor, list[tuple[int, str]]]:
+    """Worker: decode paths into (n, 3, size, size); report (index, error) of bad files."""
+    paths, size = args
+    out = torch.zeros((len(paths), 3, size, size), dtype=torch.uint8)
+    bad = []
+    for i, p in enumerate(paths):
+        try:
+            out[i] = _decode_one(p, size)
+        except Exception as exc:  # any decode failure is reported by path, never swallowed
+            bad.append((i, f"{type(exc).__name__}: {exc}"))
+    return out, bad
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # one process per core already
+
+
+def _pool_context() -> mp.context.BaseContext:
+    # fork: workers inherit the loaded modules (no torch re-import per worker). Like
+    # DataLoader workers, each one sets torch to one thread (see _worker_init).
+    if sys.platform.startswith("linux"):
+        return mp.get_context("fork")
+    return mp.get_context()
+
+
+def decode_images(
+    paths: list[Path], size: int, *, workers: int | None = None, label: str = ""
+) -> tuple[torch.Tensor, list[tuple[Path, str]]]:
+    """Decode ``paths`` in parallel into uint8 (N, 3, size, size); also return the bad files.
+
+    Bad files keep a zero image at their index; the caller drops or reports them.
+    """
+    workers = workers or os.cpu_count() or 1
+    n = len(paths)
+    out = torch.empty((n, 3, size, size), dtype=torch.uint8)
+    chunk = max(16, min(512, math.ceil(n / (workers * 8)) if n else 16))
+    jobs = [([str(p) for p in paths[i : i + chunk]], size) for i in range(0, n, chunk)]
+    bad: list[tuple[Path, str]] = []
+    t0 = time.perf_counter()
+    done = 0
+    last_print = t0
+
+    def collect(start: int, arr: torch.Tensor, errs: list[tuple[int, str]]) -> None:
+        nonlocal done, last_print
+        out[start : start + len(arr)] = arr
+        bad.extend((paths[start + i], msg) for i, msg in errs)
+        done += len(arr)
+        now = time.perf_counter()
+        if now - last_print > 5 or done == n:
+            last_print = now
+            print(
+                f"decoded {done}/{n} {label} images ({done / max(now - t0, 1e-9):.0f}/s)",
+                flush=True,
+            )
+
+    if workers <= 1 or len(jobs) <= 1:
+        for j, job in enumerate(jobs):
+            collect(j * chunk, *_decode_chunk(job))
+    else:
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=_pool_context(), initializer=_worker_init
+        ) as pool:
+            for j, (arr, errs) in enumerate(pool.map(_decode_chunk, jobs)):
+                collect(j * chunk, arr, errs)
+    return out, bad
+
+
+def _storage_size(paths: list[Path], requested: int, seed: int) -> int:
+    """The square storage size: ``requested``, but never above the typical image.
+
+    Reads only the headers of a seeded sample of images. The median shorter side is used, not
+    the minimum, so one tiny outlier (e.g. an icon) cannot shrink the whole dataset; images
+    smaller than the result are upscaled individually at prepare time.
+    """
+    if not paths:
+        return requested
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(paths), size=min(_HEADER_SAMPLE, len(paths)), replace=False)
+    sides = []
+    for i in idx:
+        try:
+            with Image.open(paths[i]) as img:
+                sides.append(min(img.size))
+        except Exception:  # bad files are reported by the decode pass, with their path
+            continue
+    if not sides:
+        return requested
+    return int(min(requested, int(np.median(sides))))
+
+
+# --------------------------------------------------------------------------------------------
+# Splits and statistics
+# --------------------------------------------------------------------------------------------
+
+
+def stratified_holdout(
+    labels: torch.Tensor, fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded, per-class hold-out: (train indices, val indices), each in ascending order.
+
+    Each class gives ``round(n_c * fraction)`` samples (at least one when it has two or more).
+    """
+    g = torch.Generator().manual_seed(seed)
+    train_parts, val_parts = [], []
+    for c in torch.unique(labels).tolist():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_val = round(len(idx) * fraction)
+        if len(idx) >= 2:
+            n_val = max(1, min(n_val, len(idx) - 1))
+        val_parts.append(idx[:n_val])
+        train_parts.append(idx[n_val:])
+    return torch.cat(train_parts).sort().values, torch.cat(val_parts).sort().values
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], ...]:
+    """Per-channel mean and std on the 0..1 scale, in chunks (no float copy of the dataset)."""
+    c = images.shape[1]
+    s = torch.zeros(c, dtype=torch.float64)
+    s2 = torch.zeros(c, dtype=torch.float64)
+    for i in range(0, len(images), chunk):
+        x = images[i : i + chunk].to(torch.float64).div_(255.0)
+        s += x.sum(dim=(0, 2, 3))
+        s2 += x.square().sum(dim=(0, 2, 3))
+    count = max(1, images.shape[0] * images.shape[2] * images.shape[3])
+    mean = s / count
+    std = (s2 / count - mean.square()).clamp_min(1e-12).sqrt()
+    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
+
+
+# --------------------------------------------------------------------------------------------
+# Cache I/O
+# --------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_cache(final: Path, splits: dict[str, RawSplit], meta: dict) -> None:
+    """Write splits + meta.json to a temp dir next to ``final``, fsync, and rename into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        for name, s in splits.items():
+            p = tmp / f"{name}.pt"
+            with open(p, "wb") as f:
+                torch.save({"images": s.images.contiguous(), "labels": s.labels}, f)
+                f.flush()
+                os.fsync(f.fileno())
+        with open(tmp / "meta.json", "w") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if (final / "meta.json").exists():  # a concurrent prepare won the race: same bytes
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            raise
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_prepared(path: str | Path) -> Prepared:
+    """Open a cache directory (or its meta.json): tensors are memory-mapped, not copied."""
+    path = Path(path)
+    if path.name == "meta.json":
+        path = path.parent
+    meta_path = path / "meta.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(
+            f"{path} is not a prepared dataset (no meta.json); run `cnnpipe prepare` first"
+        )
+    meta = json.loads(meta_path.read_text())
+    info = PreparedInfo.from_dict({**meta["info"], "path": str(path), "cache_hit": True})
+    splits = {}
+    for name in meta["stored_splits"]:
+        d = torch.load(path / f"{name}.pt", mmap=True, weights_only=True)
+        splits[name] = (d["images"], d["labels"])
+    if info.test_is_val and "test" not in splits and "val" in splits:
+        splits["test"] = splits["val"]
+    return Prepared(info, splits)
+
+
+# --------------------------------------------------------------------------------------------
+# prepare_dataset
+# --------------------------------------------------------------------------------------------
+
+
+def prepare_dataset(
+    dataset: str | SourceSpec,
+    *,
+    data_dir: str | Path,
+    cache_dir: str | Path | None = None,
+    resolution: int | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    skip_bad_images: bool = False,
+    download: bool = True,
+    mirror: str | None = None,
+    workers: int | None = None,
+) -> PreparedInfo:
+    """Decode ``dataset`` once into the uint8 tensor cache; a second call is a cache hit.
+
+    ``dataset`` is a name (``cifar10``, ``cifar100``, ``mnist``, ``fashion-mnist``,
+    ``imagefolder``) or a ``SourceSpec`` (e.g. a test's own files and md5s). ``cache_dir``
+    defaults to ``<data_dir>/cache``. ``resolution`` applies to image folders only (CIFAR and
+    MNIST are stored at their native size); see ``_storage_size`` for the never-upscale rule.
+    ``workers`` decode processes (default: all cores).
+    """
+    t0 = time.perf_counter()
+    _check_params(resolution, val_fraction, seed)
+    if data_dir is None:
+        raise ValueError("data_dir is required (the folder with the source data or downloads)")
+    data_dir = Path(data_dir)
+    cache_dir = Path(cache_dir) if cache_dir is not None else data_dir / "cache"
+
+    if isinstance(dataset, SourceSpec):
+        spec: SourceSpec | None = dataset
+        name = spec.name
+    elif isinstance(dataset, str) and dataset.lower() == "imagefolder":
+        spec, name = None, "imagefolder"
+    elif isinstance(dataset, str):
+        spec = get_source(dataset)
+        name = spec.name
+    else:
+        raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
+
+    if spec is None:
+        scan = scan_imagefolder(data_dir)
+        source_hash = scan.content_hash
+        params = {
+            "resolution": resolution or DEFAULT_RESOLUTION,
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "skip_bad_images": skip_bad_images,
+        }
+    else:
+        scan = None
+        source_hash = hashlib.sha256(
+            ",".join(f"{f.filename}:{f.md5}" for f in spec.files).encode()
+        ).hexdigest()
+        # Native storage size: resolution does not change the output, so it is not in the key.
+        params = {"val_fraction": val_fraction, "seed": seed}
+    key = cache_key(dataset=name, source_hash=source_hash, **params)
+    final = cache_dir / f"{name}-{key}"
+
+    if (final / "meta.json").exists():
+        prepared = load_prepared(final)
+        info = prepared.info
+        info.cache_hit, info.decoded_images = True, 0
+        info.seconds = round(time.perf_counter() - t0, 3)
+        print(f"cache hit: {final}", flush=True)
+        return info
+
+    decoded = 0
+    skipped = 0
+    if scan is not None:
+        splits, classes, decoded, skipped, size = _prepare_folder(
+            scan, params["resolution"], skip_bad_images, seed, workers
+        )
+        in_channels = 3
+    else:
+        root = fetch_source(spec, data_dir / "raw" / name, download=download, mirror=mirror)
+        splits, classes = read_source(spec, root)
+        in_channels = splits["train"].images.shape[1]
+        size = splits["train"].images.shape[-1]
+        decoded = sum(len(s.labels) for s in splits.values())
+
+    test_is_val = "test" not in splits
+    if "val" not in splits:
+        tr, va = stratified_holdout(splits["train"].labels, val_fraction, seed)
+        full = splits["train"]
+        splits["val"] = RawSplit(full.images[va], full.labels[va])
+        splits["train"] = RawSplit(full.images[tr], full.labels[tr])
+    mean, std = channel_stats(splits["train"].images)
+    counts = {k: len(splits[k].labels) for k in ("train", "val", "test") if k in splits}
+    if test_is_val:
+        counts["test"] = counts["val"]
+    info = PreparedInfo(
+        path=final,
+        dataset=name,
+        classes=list(classes),
+        num_classes=len(classes),
+        in_channels=in_channels,
+        resolution=int(size),
+        splits=counts,
+        test_is_val=test_is_val,
+        mean=mean,
+        std=std,
+        source_hash=source_hash,
+        cache_hit=False,
+        seconds=0.0,
+        skipped_bad_images=skipped,
+        decoded_images=decoded,
+        params={"key": key, **params},
+    )
+    stored = [k for k in ("train", "val", "test") if k in splits]
+    meta = {"format": FORMAT_VERSION, "stored_splits": stored, "info": info.to_dict()}
+    _write_cache(final, {k: splits[k] for k in stored}, meta)
+    info.seconds = round(time.perf_counter() - t0, 3)
+    print(f"prepared {name} into {final} in {info.seconds:.1f} s", flush=True)
+    return info
+
+
+def _prepare_folder(
+    scan: FolderScan, requested: int, skip_bad: bool, seed: int, workers: int | None
+) -> tuple[dict[str, RawSplit], list[str], int, int, int]:
+    """Decode every split of an image folder at one storage size; handle bad images."""
+    size = _storage_size(scan.paths("train"), requested, seed)
+    splits: dict[str, RawSplit] = {}
+    all_bad: list[tuple[Path, str]] = []
+    decoded = 0
+    for split in scan.files:
+        paths = scan.paths(split)
+        images, bad = decode_images(paths, size, workers=workers, label=split)
+        decoded += len(paths)
+        labels = scan.labels(split)
+        if bad:
+            all_bad.extend(bad)
+            keep = torch.ones(len(paths), dtype=torch.bool)
+            index = {p: i for i, p in enumerate(paths)}
+            for p, _ in bad:
+                keep[index[p]] = False
+            images, labels = images[keep], labels[keep]
+        splits[split] = RawSplit(images, labels)
+    if all_bad and not skip_bad:
+        listing = "\n".join(f"  {p}: {msg}" for p, msg in all_bad[:50])
+        more = f"\n  ... and {len(all_bad) - 50} more" if len(all_bad) > 50 else ""
+        raise ValueError(
+            f"{len(all_bad)} unreadable image(s) in {scan.root}:\n{listing}{more}\n"
+            "fix or remove them, or pass skip_bad_images=True (--skip-bad-images) to skip them"
+        )
+    if all_bad:
+        log.warning("skipped %d unreadable image(s) in %s", len(all_bad), scan.root)
+        print(f"skipped {len(all_bad)} unreadable image(s)", flush=True)
+    for split, s in splits.items():
+        present = torch.bincount(s.labels, minlength=len(scan.classes))
+        empty = [scan.classes[i] for i in (present == 0).nonzero().flatten().tolist()]
+        if empty:
+            raise ValueError(f"split {split} has no usable images for class(es) {empty}")
+    return splits, scan.classes, decoded, len(all_bad), size

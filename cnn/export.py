@@ -1,0 +1,235 @@
+"""The self-contained inference model: raw images in, class scores out.
+
+`ImageClassifier` wraps a trained network with everything `predict` needs, so a model logged to
+MLflow is usable on its own: it accepts uint8 (0..255) or float (0..1) image tensors of any size
+(NCHW, CHW, or NHWC as numpy-style callers send), resizes the shorter side and center-crops to the
+network's input size, normalizes with the training mean/std, and knows its class names.
+The preprocessing follows torchvision's `ImageClassification` preset (resize, crop, scale,
+normalize), so a torchvision ImageNet model wrapped here behaves exactly as its weights expect.
+
+Pure torch/torchvision: no prefect or mlflow here (the flows log this module with MLflow).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.transforms.v2 import functional as TF
+
+OUTPUTS = ("probabilities", "logits")
+
+
+def _per_channel(values: Sequence[float]) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=torch.float32).view(1, -1, 1, 1)
+
+
+class ImageClassifier(nn.Module):
+    """A classifier that carries its own preprocessing, class names and input size.
+
+    `output="probabilities"` (the default for logged models) returns softmax scores, so a
+    consumer of the MLflow model gets class probabilities without knowing about logits."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        classes: Sequence[str],
+        input_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        resize_size: int | None = None,
+        in_channels: int = 3,
+        output: str = "probabilities",
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if output not in OUTPUTS:
+            raise ValueError(f"output={output!r} is not valid; choose one of {', '.join(OUTPUTS)}")
+        if len(mean) != in_channels or len(std) != in_channels:
+            raise ValueError(
+                f"mean/std have {len(mean)}/{len(std)} values but in_channels={in_channels}; "
+                "give one value per channel"
+            )
+        self.model = model.eval()
+        self.classes = [str(c) for c in classes]
+        self.input_size = int(input_size)
+        self.resize_size = int(resize_size or input_size)
+        self.in_channels = int(in_channels)
+        self.output = output
+        self.info = dict(info or {})  # provenance: model name, dataset, weights (strings)
+        self.register_buffer("mean", _per_channel(mean))
+        self.register_buffer("std", _per_channel(std))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Any-size uint8/float images -> normalized float NCHW at `input_size` on our device."""
+        x = torch.as_tensor(images)
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        if x.dim() != 4:
+            raise ValueError(
+                f"expected images shaped (N, C, H, W) or (C, H, W), got shape {tuple(x.shape)}"
+            )
+        if x.shape[1] not in (1, 3, 4) and x.shape[-1] in (1, 3, 4):
+            x = x.permute(0, 3, 1, 2)  # NHWC (numpy/PIL layout) -> NCHW
+        if x.shape[1] == 4:
+            x = x[:, :3]  # drop alpha
+        if x.shape[1] not in (1, 3):
+            raise ValueError(f"expected 1 or 3 image channels, got shape {tuple(x.shape)}")
+        if x.dtype != torch.uint8 and not x.is_floating_point():
+            raise ValueError(f"images must be uint8 (0..255) or float (0..1), got {x.dtype}")
+        x = x.to(self.mean.device)
+        # torchvision's ImageClassification order: resize (uint8 is fine), crop, then scale.
+        x = TF.resize(x, [self.resize_size], antialias=True)
+        x = TF.center_crop(x, [self.input_size, self.input_size])
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        if x.shape[1] == 1 and self.in_channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        elif x.shape[1] == 3 and self.in_channels == 1:
+            x = TF.rgb_to_grayscale(x)
+        return (x - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.model(self.preprocess(images))
+        if isinstance(out, (tuple, list)):  # GoogLeNet/Inception aux outputs in train mode
+            out = out[0]
+        logits = getattr(out, "logits", out).float()
+        return logits.softmax(dim=1) if self.output == "probabilities" else logits
+
+    @torch.inference_mode()
+    def topk(self, images: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]:
+        """[(label, probability), ...] best first, per image."""
+        scores = self(images)
+        probs = scores if self.output == "probabilities" else scores.softmax(dim=1)
+        values, indices = probs.topk(min(k, self.num_classes), dim=1)
+        return [
+            [(self.classes[int(i)], float(v)) for v, i in zip(vs, ix, strict=True)]
+            for vs, ix in zip(values.cpu(), indices.cpu(), strict=True)
+        ]
+
+
+def from_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", output: str = "probabilities"
+) -> ImageClassifier:
+    """Wrap the network of a training checkpoint (best.pt) with the preprocessing it was
+    trained with (the engine stores classes, sizes and mean/std in the checkpoint's meta)."""
+    from cnn.checkpoint import load_model_from_checkpoint
+
+    model, cfg, meta = load_model_from_checkpoint(path, device=device)
+    missing = [k for k in ("classes", "input_size", "mean", "std") if k not in meta]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {', '.join(missing)} in its meta; retrain it")
+    return ImageClassifier(
+        model,
+        classes=meta["classes"],
+        input_size=int(meta["input_size"]),
+        resize_size=int(meta.get("resize_size") or meta["input_size"]),
+        mean=meta["mean"],
+        std=meta["std"],
+        in_channels=int(meta.get("in_channels", 3)),
+        output=output,
+        info={"model": str(cfg.get("model")), "dataset": str(meta.get("dataset", ""))},
+    ).to(device)
+
+
+def from_torchvision(
+    name: str, weights_path: str | Path | None = None, output: str = "probabilities"
+) -> ImageClassifier:
+    """A pretrained torchvision ImageNet classifier with its own preset and category names.
+
+    `weights_path` is a local state-dict file (offline machines); without it the default weights
+    come from the torch hub cache (downloaded when online). Sizes, mean/std and the 1000 labels
+    come from torchvision's weights metadata, which ships with the package (no download)."""
+    import torchvision.models as tvm
+
+    try:
+        weights = tvm.get_model_weights(name).DEFAULT
+    except (ValueError, KeyError):
+        close = [m for m in tvm.list_models() if name.split("_")[0] in m][:5]
+        raise ValueError(
+            f"unknown torchvision model {name!r}"
+            + (f" (close: {', '.join(close)})" if close else "")
+            + "; see torchvision.models.list_models()"
+        ) from None
+    if weights_path is not None:
+        path = Path(weights_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file {path} does not exist; check --pretrained")
+        model = tvm.get_model(name, weights=None)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state.get("state_dict", state))
+        except Exception as exc:  # not a state dict, or one for another architecture
+            raise ValueError(f"{path} is not a state dict for torchvision {name}: {exc}") from exc
+        source = str(path)
+    else:
+        try:
+            model = tvm.get_model(name, weights=weights)
+        except Exception as exc:  # offline without a cached file
+            raise FileNotFoundError(
+                f"could not load {weights} for {name} ({exc}); pass a local weights file with "
+                "--pretrained PATH (offline machines have no download)"
+            ) from exc
+        source = str(weights)
+    preset = weights.transforms()
+    return ImageClassifier(
+        model,
+        classes=weights.meta["categories"],
+        input_size=int(preset.crop_size[0]),
+        resize_size=int(preset.resize_size[0]),
+        mean=preset.mean,
+        std=preset.std,
+        output=output,
+        info={"model": name, "dataset": "imagenet", "weights": source},
+    )
+
+
+def load_image(path: str | Path, channels: int = 3) -> torch.Tensor:
+    """Decode one image file to a uint8 CHW tensor; a clear ValueError if it is not an image."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist; check the path")
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    try:
+        return decode_image(str(path), mode=mode)
+    except Exception:
+        pass
+    try:  # formats torchvision's decoders lack (e.g. BMP, TIFF): fall back to Pillow
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("L" if channels == 1 else "RGB"))
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable image ({type(exc).__name__}: {exc})") from exc
+    t = torch.from_numpy(arr.copy())
+    return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def expand_image_paths(items: Sequence[str | Path]) -> list[Path]:
+    """Files as given plus the image files inside given directories (sorted, recursive)."""
+    paths: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"directory {p} holds no image files ({IMAGE_SUFFIXES})")
+            paths.extend(found)
+        elif p.exists():
+            paths.append(p)
+        else:
+            raise FileNotFoundError(f"image {p} does not exist; check the path")
+    return paths

@@ -1,0 +1,445 @@
+"""Scheduled Prefect deployments: nightly training and a weekly architecture comparison.
+
+`cnnpipe deploy` creates (or updates) two deployments on a `process` work pool of a Prefect
+server, creating the pool when it is missing:
+
+- `<train flow>/nightly-train`: `train_pipeline` on a cron (default 02:00 every day),
+- `<compare flow>/weekly-compare`: `compare_architectures` on a cron (default 04:00 on Sundays).
+
+This module is the one source of truth for their schedules and parameters (there is no
+prefect.yaml). The flows are loaded with `Flow.from_source`, so a deployment records where its code
+lives: a local directory (the default, this checkout; the worker runs from it) or a git URL. A
+worker started with `infra/prefect-worker.sh` (or `prefect worker start --pool POOL`) in the
+project environment runs them.
+
+Every argument is checked before anything is created on the server: cron strings, time zone,
+model and dataset names, the data directory, and the parameters against the flows' signatures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import urllib.error
+import urllib.request
+import zoneinfo
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prefect.flows import Flow
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+DEFAULT_WORK_POOL = "cnnpipe-process"
+DEFAULT_NIGHTLY_CRON = "0 2 * * *"  # every day at 02:00
+DEFAULT_WEEKLY_CRON = "0 4 * * 0"  # Sundays at 04:00, after that night's training
+DEFAULT_TIMEZONE = "UTC"
+DEFAULT_MODEL = "lenet5"
+DEFAULT_DATASET = "cifar10"
+DEFAULT_COMPARE_MODELS = ("lenet5", "resnet18_cifar", "densenet_cifar")
+
+NIGHTLY_NAME = "nightly-train"
+WEEKLY_NAME = "weekly-compare"
+TRAIN_ENTRYPOINT = "flows/pipeline.py:train_pipeline"
+COMPARE_ENTRYPOINT = "flows/pipeline.py:compare_architectures"
+TAGS = ("cnnpipe",)
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    """What one scheduled deployment runs, when, and with which parameters."""
+
+    name: str
+    entrypoint: str  # "path/to/file.py:flow_function", relative to the code source
+    cron: str
+    timezone: str
+    parameters: dict[str, Any]
+    description: str
+    tags: tuple[str, ...] = TAGS
+
+
+@dataclass
+class DeployResult:
+    """What `create_deployments` did (the `--json` output)."""
+
+    api_url: str
+    work_pool: str
+    work_pool_created: bool
+    source: str
+    deployments: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: everything that can be checked without the server, checked first
+# --------------------------------------------------------------------------------------------
+
+
+def check_cron(cron: str, option: str) -> str:
+    """Prefect's own cron validator, with an error that names the option and a valid example."""
+    from prefect._internal.schemas.validators import validate_cron_string
+
+    try:
+        return validate_cron_string(cron.strip())
+    except (ValueError, TypeError) as exc:
+        raise ValueError(
+            f"{option} {cron!r} is not a valid cron string ({exc}); use five fields "
+            f"'minute hour day-of-month month day-of-week', e.g. {DEFAULT_NIGHTLY_CRON!r}"
+        ) from None
+
+
+def check_timezone(tz: str) -> str:
+    try:
+        zoneinfo.ZoneInfo(tz)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"--timezone {tz!r} is not an IANA time zone; use e.g. 'UTC' or 'Europe/Berlin'"
+        ) from None
+    return tz
+
+
+def check_model(name: str) -> str:
+    from cnn.models import model_info
+
+    model_info(name)  # raises ValueError naming the bad model and the closest names
+    return name
+
+
+def check_dataset(dataset: str, data_dir: str | None) -> None:
+    """Known dataset name; an image folder needs an existing --data-dir."""
+    if dataset == "imagefolder":
+        if data_dir is None:
+            raise ValueError("--dataset imagefolder needs --data-dir DIR (train/<class>/<image>)")
+        if not Path(data_dir).is_dir():
+            raise ValueError(
+                f"--data-dir {data_dir!r} does not exist; pass the folder that holds train/ "
+                "and val/ or test/"
+            )
+        return
+    from cnn.data.sources import get_source
+
+    get_source(dataset)  # raises ValueError naming the bad dataset and the valid names
+
+
+def parse_models(models: str | list[str] | tuple[str, ...]) -> list[str]:
+    names = [m.strip() for m in models.split(",")] if isinstance(models, str) else list(models)
+    names = [m for m in names if m]
+    if not names:
+        raise ValueError(
+            "--models is empty; give a comma-separated list, e.g. lenet5,resnet18_cifar"
+        )
+    return [check_model(m) for m in names]
+
+
+def plan_deployments(
+    *,
+    model: str = DEFAULT_MODEL,
+    dataset: str = DEFAULT_DATASET,
+    data_dir: str | None = None,
+    epochs: int | None = None,
+    register_as: str | None = None,
+    models: str | list[str] | tuple[str, ...] = DEFAULT_COMPARE_MODELS,
+    nightly_cron: str = DEFAULT_NIGHTLY_CRON,
+    weekly_cron: str = DEFAULT_WEEKLY_CRON,
+    timezone: str = DEFAULT_TIMEZONE,
+) -> list[DeploymentSpec]:
+    """The two deployment specs, with every value checked. Raises ValueError on bad input.
+
+    Options left at None are not passed, so the flow's own defaults apply (timm style).
+    """
+    nightly_cron = check_cron(nightly_cron, "--nightly-cron")
+    weekly_cron = check_cron(weekly_cron, "--weekly-cron")
+    timezone = check_timezone(timezone)
+    check_model(model)
+    compare_models = parse_models(models)
+    if data_dir is not None:
+        # The worker runs in the code source's directory, not where `deploy` ran: pin the path.
+        data_dir = str(Path(data_dir).expanduser().resolve())
+    check_dataset(dataset, data_dir)
+    if epochs is not None and (
+        isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1
+    ):
+        raise ValueError(f"--epochs must be an int >= 1, got {epochs!r}")
+
+    common = _drop_none({"dataset": dataset, "data_dir": data_dir, "epochs": epochs})
+    nightly = DeploymentSpec(
+        name=NIGHTLY_NAME,
+        entrypoint=TRAIN_ENTRYPOINT,
+        cron=nightly_cron,
+        timezone=timezone,
+        parameters={"model": model, **common, **_drop_none({"register_as": register_as})},
+        description=f"Nightly training of {model} on {dataset}; moves `champion` if it improves.",
+    )
+    weekly = DeploymentSpec(
+        name=WEEKLY_NAME,
+        entrypoint=COMPARE_ENTRYPOINT,
+        cron=weekly_cron,
+        timezone=timezone,
+        parameters={"models": compare_models, **common},
+        description=f"Weekly comparison of {', '.join(compare_models)} on {dataset}.",
+    )
+    return [nightly, weekly]
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def check_parameters(flow: Flow[..., Any], spec: DeploymentSpec) -> None:
+    """Validate a spec's parameters against the flow's signature with Prefect's own validator,
+    so a bad name or type fails here instead of at 2 a.m. in the worker."""
+    from prefect.exceptions import ParameterTypeError
+
+    try:
+        flow.validate_parameters(spec.parameters)
+    except (ParameterTypeError, TypeError) as exc:
+        raise ValueError(
+            f"deployment {spec.name!r}: parameters {spec.parameters} do not fit "
+            f"{flow.name}(): {exc}"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Server side
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_api_url(api_url: str | None) -> str:
+    """The Prefect server to deploy to: --api-url, else PREFECT_API_URL. Deployments on the
+    ephemeral in-process API would be invisible to any worker, so that is an error."""
+    if api_url:
+        return api_url.rstrip("/")
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise ValueError(
+            "no Prefect server configured: set PREFECT_API_URL (e.g. "
+            "http://127.0.0.1:4200/api) or pass --api-url; start a server with "
+            "infra/prefect-server.sh"
+        )
+    return str(url).rstrip("/")
+
+
+def check_api_reachable(api_url: str, timeout: float = 5.0) -> None:
+    """One fast health request, so a wrong URL fails in seconds instead of after client retries."""
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout) as resp:
+            if resp.status == 200:
+                return
+            problem = f"HTTP {resp.status}"
+    except (urllib.error.URLError, OSError) as exc:
+        problem = str(getattr(exc, "reason", exc))
+    raise ValueError(
+        f"Prefect server at {api_url!r} is unreachable ({problem}); start it with "
+        "infra/prefect-server.sh or fix --api-url / PREFECT_API_URL"
+    )
+
+
+def ensure_work_pool(name: str) -> bool:
+    """Create the `process` work pool when it is missing. Returns True if it was created."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            pool = client.read_work_pool(name)
+        except ObjectNotFound:
+            pass
+        else:
+            if pool.type != ProcessWorker.type:
+                raise ValueError(
+                    f"work pool {name!r} exists with type {pool.type!r}; these deployments need "
+                    f"a 'process' pool: pass --work-pool with another name"
+                )
+            return False
+        try:
+            client.create_work_pool(
+                WorkPoolCreate(
+                    name=name,
+                    type=ProcessWorker.type,
+                    base_job_template=ProcessWorker.get_default_base_job_template(),
+                )
+            )
+        except ObjectAlreadyExists:  # created concurrently by a worker or another deploy
+            return False
+        return True
+
+
+def load_flow(source: str, entrypoint: str) -> Flow[..., Any]:
+    """Load a flow from its code source (local dir or git URL) the way the worker will."""
+    from prefect.flows import Flow
+
+    try:
+        return Flow.from_source(source=source, entrypoint=entrypoint)
+    except (FileNotFoundError, ImportError, AttributeError) as exc:
+        raise ValueError(
+            f"cannot load flow {entrypoint!r} from source {source!r}: {exc}; --source must be "
+            "the project root (a local directory or git URL)"
+        ) from None
+
+
+def create_deployments(
+    specs: list[DeploymentSpec],
+    *,
+    work_pool: str = DEFAULT_WORK_POOL,
+    source: str | Path = REPO_ROOT,
+    api_url: str | None = None,
+    env: dict[str, str] | None = None,
+) -> DeployResult:
+    """Create or update `specs` on the Prefect server, creating the work pool if missing.
+
+    Nothing is written to the server until every spec has been validated against its flow.
+    Re-running updates the deployments in place (the schedules have fixed slugs), so a changed
+    cron replaces the old one instead of adding a second schedule.
+    """
+    from prefect.schedules import Cron
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if not work_pool.strip():
+        raise ValueError("--work-pool must not be empty")
+    source = str(source)
+    if "://" not in source and not source.endswith(".git"):
+        if not Path(source, "flows").is_dir():
+            raise ValueError(
+                f"--source {source!r} is not the project root (no flows/ folder in it)"
+            )
+        source = str(Path(source).resolve())
+    url = resolve_api_url(api_url)
+
+    check_api_reachable(url)
+    flows = {spec.name: load_flow(source, spec.entrypoint) for spec in specs}
+    for spec in specs:
+        check_parameters(flows[spec.name], spec)
+
+    job_variables: dict[str, Any] = {"env": dict(env)} if env else {}
+    # Prefect prints progress with rich on stdout; keep stdout for the one `--json` object.
+    with temporary_settings({PREFECT_API_URL: url}), contextlib.redirect_stdout(sys.stderr):
+        created = ensure_work_pool(work_pool)
+        result = DeployResult(
+            api_url=url, work_pool=work_pool, work_pool_created=created, source=source
+        )
+        for spec in specs:
+            flow = flows[spec.name]
+            deployment = flow.to_deployment(
+                name=spec.name,
+                schedules=[Cron(spec.cron, timezone=spec.timezone, slug=spec.name)],
+                parameters=spec.parameters,
+                description=spec.description,
+                tags=list(spec.tags),
+                job_variables=job_variables,
+            )
+            deployment_id = deployment.apply(work_pool_name=work_pool)
+            result.deployments.append(
+                {
+                    "name": f"{flow.name}/{spec.name}",
+                    "id": str(deployment_id),
+                    "flow": flow.name,
+                    "entrypoint": spec.entrypoint,
+                    "cron": spec.cron,
+                    "timezone": spec.timezone,
+                    "parameters": spec.parameters,
+                    "work_pool": work_pool,
+                }
+            )
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# `cnnpipe deploy`
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_env(pairs: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--env {pair!r} must look like KEY=VALUE")
+        env[key.strip()] = value
+    return env
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    env = _parse_env(args.env)
+    if args.tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    specs = plan_deployments(
+        model=args.model,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        epochs=args.epochs,
+        register_as=args.register_as,
+        models=args.models,
+        nightly_cron=args.nightly_cron,
+        weekly_cron=args.weekly_cron,
+        timezone=args.timezone,
+    )
+    print(f"deploy: loading flows from {args.source}", file=sys.stderr)
+    result = create_deployments(
+        specs, work_pool=args.work_pool, source=args.source, api_url=args.api_url, env=env
+    )
+    if args.json:
+        print(json.dumps(asdict(result)))
+        return 0
+    pool_state = "created" if result.work_pool_created else "exists"
+    print(f"work pool {result.work_pool!r} ({pool_state}) on {result.api_url}", file=sys.stderr)
+    for d in result.deployments:
+        print(
+            f"  {d['name']}: cron {d['cron']!r} ({d['timezone']}), parameters {d['parameters']}",
+            file=sys.stderr,
+        )
+    print(
+        f"start a worker: infra/prefect-worker.sh (or prefect worker start --pool "
+        f"{result.work_pool!r}); run now: prefect deployment run '{result.deployments[0]['name']}'",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def register_deploy_command(subparsers: argparse._SubParsersAction) -> None:
+    """Add `cnnpipe deploy` to the CLI (flows/cli.py calls this)."""
+    p = subparsers.add_parser(
+        "deploy",
+        help="create the scheduled Prefect deployments (nightly train, weekly compare)",
+        description=__doc__.split("\n\n")[1],
+    )
+    p.add_argument(
+        "--work-pool", default=DEFAULT_WORK_POOL, help="process work pool (created if missing)"
+    )
+    p.add_argument("--nightly-cron", default=DEFAULT_NIGHTLY_CRON, help="cron of the training run")
+    p.add_argument("--weekly-cron", default=DEFAULT_WEEKLY_CRON, help="cron of the comparison run")
+    p.add_argument("--timezone", default=DEFAULT_TIMEZONE, help="IANA time zone of both crons")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model of the nightly training")
+    p.add_argument("--dataset", default=DEFAULT_DATASET, help="dataset of both deployments")
+    p.add_argument(
+        "--data-dir", default=None, help="data folder (made absolute); default: the flow's"
+    )
+    p.add_argument("--epochs", type=int, default=None, help="default: the flow's / recipe's")
+    p.add_argument("--register-as", default=None, help="registered model name of the nightly run")
+    p.add_argument(
+        "--models",
+        default=",".join(DEFAULT_COMPARE_MODELS),
+        help="comma-separated models of the weekly comparison",
+    )
+    p.add_argument(
+        "--source",
+        default=str(REPO_ROOT),
+        help="where workers get the code: a local project root (default: this checkout) or git URL",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLFLOW_TRACKING_URI for the runs (default: the worker's environment)",
+    )
+    p.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="extra run environment"
+    )
+    p.add_argument("--api-url", default=None, help="Prefect API URL (default: PREFECT_API_URL)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=_cmd_deploy)

@@ -1,0 +1,341 @@
+"""MLflow side of the pipeline: tracking URI, fail-fast connectivity, runs, model logging and the
+`champion` alias. Plain functions (the Prefect tasks wrap them); mlflow is imported lazily so the
+CLI's fast paths do not pay for it.
+
+Local default: `sqlite:///<cwd>/mlflow.db` (see `cnn.tracking.tracking_uri`), which `mlflow ui`
+started in the same folder shows. SQLite needs care with several pipelines at once: creating the
+schema is not safe to race (two processes both run the migrations and one fails), and two
+processes moving the alias could interleave. Both happen under an exclusive file lock next to the
+database file; ordinary writes rely on SQLite's own locking.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from cnn.tracking import tracking_uri as _default_tracking_uri
+
+CHAMPION = "champion"
+DEFAULT_EXPERIMENT = "cnnpipe"
+ACCURACY_TAG = "test_accuracy"
+DECISION_TAG = "champion_decision"
+
+
+class TrackingUnavailableError(ConnectionError):
+    """The MLflow tracking store cannot be reached; raised before any training starts."""
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """Explicit value, else MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (one rule,
+    shared with the training engine's tracker)."""
+    return _default_tracking_uri(uri)
+
+
+def experiment_name(name: str | None = None) -> str:
+    return name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """An exclusive cross-process lock for a local SQLite store (no-op for servers)."""
+    path = _sqlite_path(uri)
+    if path is None or os.name != "posix":
+        yield
+        return
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check_tracking(uri: str | None = None, timeout: float = 5.0) -> str:
+    """Make sure the tracking store answers (and, for SQLite, has its schema) and make it the
+    process default. Raises TrackingUnavailableError with the fix, within `timeout` seconds,
+    instead of MLflow's minutes of HTTP retries after training has already run."""
+    uri = resolve_tracking_uri(uri)
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                if resp.status != 200:
+                    raise urllib.error.URLError(f"HTTP {resp.status}")
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingUnavailableError(
+                f"MLflow tracking server {uri} is unreachable ({reason}); start it (see "
+                "infra/README.md) or unset MLFLOW_TRACKING_URI to use the local "
+                "sqlite:///mlflow.db store"
+            ) from None
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        with store_lock(uri):  # first contact creates/migrates the schema: never concurrently
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as exc:
+        raise TrackingUnavailableError(f"MLflow tracking store {uri} is unusable: {exc}") from None
+    return uri
+
+
+def client(uri: str | None = None) -> Any:
+    import mlflow
+
+    return mlflow.MlflowClient(resolve_tracking_uri(uri))
+
+
+def get_or_create_experiment(name: str | None = None, uri: str | None = None) -> str:
+    """Experiment id by name; creating it is race-safe (two pipelines may start together)."""
+    from mlflow.exceptions import MlflowException
+
+    c, name = client(uri), experiment_name(name)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name)
+    except MlflowException:  # created meanwhile by another process
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def start_run(
+    run_name: str,
+    *,
+    experiment: str | None = None,
+    tags: dict[str, Any] | None = None,
+    parent_run_id: str | None = None,
+    uri: str | None = None,
+) -> str:
+    """Create a run (RUNNING) and return its id; the training job logs into it by id."""
+    all_tags = {k: str(v) for k, v in (tags or {}).items()}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client(uri).create_run(
+        get_or_create_experiment(experiment, uri), run_name=run_name, tags=all_tags
+    )
+    return run.info.run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:
+    client(uri).set_terminated(run_id, status=status)
+
+
+def log_metrics(run_id: str, metrics: dict[str, float | None], uri: str | None = None) -> None:
+    """Log finite metrics in one batch."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [
+        Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None and v == v
+    ]
+    if batch:
+        client(uri).log_batch(run_id, metrics=batch)
+
+
+# -------------------------------------------------------------------- model logging
+
+
+def _pip_requirements() -> list[str]:
+    """Pinned from the running environment: MLflow's own inference would load the model in a
+    subprocess to find them, which costs seconds on every registration."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for pkg in ("torch", "torchvision", "numpy", "pillow", "mlflow"):
+        try:
+            reqs.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            continue
+    return reqs
+
+
+def model_signature(in_channels: int, num_classes: int) -> Any:
+    """uint8 images of any size in (N, C, H, W), class probabilities out (N, classes)."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, in_channels, -1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
+    )
+
+
+def find_logged_model(run_id: str, name: str = "model", uri: str | None = None) -> str | None:
+    """URI of a model this run already logged under `name` (a retried task reuses it)."""
+    c = client(uri)
+    run = c.get_run(run_id)
+    try:
+        found = c.search_logged_models(
+            experiment_ids=[run.info.experiment_id],
+            filter_string=f"source_run_id = '{run_id}' AND name = '{name}'",
+            max_results=1,
+        )
+    except Exception:  # older servers without logged-model search: log again
+        return None
+    return f"models:/{found[0].model_id}" if len(found) else None
+
+
+def log_model(
+    run_id: str, model: Any, example: Any, *, name: str = "model", uri: str | None = None
+) -> str:
+    """Log the self-contained `ImageClassifier` with a signature and a uint8 input example;
+    returns its model URI. Idempotent per (run, name)."""
+    existing = find_logged_model(run_id, name, uri)
+    if existing:
+        return existing
+    import mlflow.pytorch
+
+    info = mlflow.pytorch.log_model(
+        model.cpu().eval(),
+        name=name,
+        run_id=run_id,
+        signature=model_signature(model.in_channels, model.num_classes),
+        input_example=example,
+        pip_requirements=_pip_requirements(),
+        metadata={"classes": model.classes, "input_size": model.input_size},
+        # pickle, not MLflow 3's default pt2 (torch.export): an exported graph is traced at the
+        # example's image size, and this model must accept images of any size.
+        serialization_format="pickle",
+    )
+    return info.model_uri
+
+
+# -------------------------------------------------------------------- registry
+
+
+@dataclass
+class Registration:
+    name: str
+    version: str
+    champion: bool
+    reason: str
+    reused: bool  # the run already had a version (a retried task): nothing new was registered
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def registered_name(model: str, dataset: str, register_as: str | None = None) -> str:
+    """`<model>-<dataset>` unless the user named it."""
+    return register_as or f"{model}-{dataset}"
+
+
+def _version_accuracy(mv: Any, c: Any) -> float | None:
+    """A version's test accuracy: its tag, else its run's `test_accuracy` metric."""
+    tag = (mv.tags or {}).get(ACCURACY_TAG)
+    if tag is not None:
+        try:
+            return float(tag)
+        except ValueError:
+            pass
+    if mv.run_id:
+        value = c.get_run(mv.run_id).data.metrics.get("test_accuracy")
+        return None if value is None else float(value)
+    return None
+
+
+def register_version(
+    model_uri: str,
+    *,
+    name: str,
+    run_id: str,
+    test_accuracy: float,
+    uri: str | None = None,
+) -> Registration:
+    """Register `model_uri` as a version of `name` (once per run) and move `champion` to it only
+    if its test accuracy beats the current champion's; the decision is a version tag."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = resolve_tracking_uri(uri)
+    c = client(uri)
+    with store_lock(uri):
+        existing = c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        reused = bool(existing)
+        if reused:
+            mv = sorted(existing, key=lambda v: int(v.version))[0]
+        else:
+            mv = mlflow.register_model(
+                model_uri, name, tags={ACCURACY_TAG: f"{test_accuracy:.6f}", "run_id": run_id}
+            )
+        try:
+            current = c.get_model_version_by_alias(name, CHAMPION)
+        except MlflowException:
+            current = None
+        if current is not None and str(current.version) == str(mv.version):
+            champion = True
+            reason = (mv.tags or {}).get(DECISION_TAG) or "already the champion"
+        elif current is None:
+            champion = True
+            reason = f"first champion of {name}: test_accuracy {test_accuracy:.4f}"
+        else:
+            best = _version_accuracy(current, c)
+            champion = best is None or test_accuracy > best
+            cmp = "n/a" if best is None else f"{best:.4f}"
+            reason = (
+                f"test_accuracy {test_accuracy:.4f} beats champion v{current.version} ({cmp})"
+                if champion
+                else f"test_accuracy {test_accuracy:.4f} does not beat champion "
+                f"v{current.version} ({cmp}); alias unchanged"
+            )
+        if champion:
+            c.set_registered_model_alias(name, CHAMPION, str(mv.version))
+        c.set_model_version_tag(name, str(mv.version), DECISION_TAG, reason)
+    return Registration(name, str(mv.version), champion, reason, reused)
+
+
+# -------------------------------------------------------------------- model loading
+
+
+def load_model(model_uri: str, uri: str | None = None) -> Any:
+    """Load a logged/registered `ImageClassifier` (`models:/NAME@champion`, `runs:/ID/model`,
+    `models:/NAME/3`); a clear ValueError when the URI names nothing."""
+    import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
+
+    mlflow_uri = resolve_tracking_uri(uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    try:
+        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    except MlflowException as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(
+            f"model URI {model_uri!r} was not found in {mlflow_uri} ({msg}); list models with "
+            "`mlflow models` / the MLflow UI, e.g. models:/lenet5-cifar10@champion"
+        ) from None
+    except OSError as exc:
+        raise ValueError(f"model URI {model_uri!r} could not be loaded: {exc}") from None
+    if not hasattr(model, "classes") or not hasattr(model, "preprocess"):
+        raise ValueError(
+            f"{model_uri!r} is not a cnnpipe image classifier (no class names/preprocessing)"
+        )
+    return model

@@ -1,0 +1,257 @@
+"""Real server processes for end-to-end tests: `mlflow server`, `prefect server` and a worker.
+
+Each server runs in its own process group on a free 127.0.0.1 port, with all its state (databases,
+artifacts, PREFECT_HOME) under a test's tmp directory. Start-up waits on the server's health
+endpoint with a bounded timeout, and teardown kills the process group and every descendant (flow
+runs and torchrun jobs start their own sessions), so a failed or timed-out test leaves nothing
+running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+INFRA = REPO / "infra"
+
+
+def free_port() -> int:
+    """A port that is free on 127.0.0.1 right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children_map() -> dict[int, list[int]]:
+    """ppid -> child pids, read from /proc (psutil is not a project dependency)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # The command name may hold spaces or parentheses: fields after the last ')' are fixed.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of `pid`, including those that moved to their own session."""
+    if not Path("/proc").is_dir():
+        return []
+    tree = _children_map()
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        for child in tree.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is dead for our purposes.
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    return True
+
+
+@dataclass
+class ServerProcess:
+    """One started server: its process, log file and base URL."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    url: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "<no log>"
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the process group, then SIGKILL it and any straggling descendants."""
+        kids = descendants(self.proc.pid)
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        # Descendants in their own sessions (flow runs, torchrun) survive killpg: kill each one.
+        kids += [p for p in descendants(self.proc.pid) if p not in kids]
+        for pid in kids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while any(_alive(p) for p in kids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def start_process(
+    name: str, cmd: list[str], *, log_path: Path, env: Mapping[str, str], url: str
+) -> ServerProcess:
+    """Start `cmd` in a new process group with its output in `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env),
+            cwd=REPO,
+            start_new_session=True,
+        )
+    print(f"[servers] started {name} (pid {proc.pid}) at {url}; log {log_path}", file=sys.stderr)
+    return ServerProcess(name=name, proc=proc, log_path=log_path, url=url)
+
+
+def wait_http_ok(server: ServerProcess, health_url: str, *, timeout: float) -> float:
+    """Poll `health_url` until it answers 200; fail fast if the process dies. Returns seconds."""
+    start = time.monotonic()
+    last_error = "no answer yet"
+    while time.monotonic() - start < timeout:
+        if server.proc.poll() is not None:
+            raise RuntimeError(
+                f"{server.name} exited with code {server.proc.returncode} before it was healthy."
+                f"\n--- log tail ---\n{server.log_tail()}"
+            )
+        try:
+            with urllib.request.urlopen(health_url, timeout=2) as resp:
+                if resp.status == 200:
+                    return time.monotonic() - start
+                last_error = f"HTTP {resp.status}"
+        except (urllib.error.URLError, OSError) as exc:
+            last_error = str(exc)
+        time.sleep(0.3)
+    raise TimeoutError(
+        f"{server.name} was not healthy at {health_url} within {timeout:.0f}s ({last_error})."
+        f"\n--- log tail ---\n{server.log_tail()}"
+    )
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    """The current environment without any outside server settings, plus `extra`.
+
+    UV_NO_SYNC: the infra scripts use `uv run`; the test env is already synced, leave it alone.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env["UV_NO_SYNC"] = "1"
+    env.update(extra)
+    return env
+
+
+def start_mlflow_server(tmp: Path) -> ServerProcess:
+    """infra/mlflow-server.sh: SQLite store and served artifacts under `tmp`, one worker."""
+    port = free_port()
+    root = tmp / "mlflow-server"
+    env = base_env(
+        MLFLOW_HOST="127.0.0.1",
+        MLFLOW_PORT=str(port),
+        MLFLOW_BACKEND_STORE_URI=f"sqlite:///{root / 'mlflow.db'}",
+        MLFLOW_ARTIFACTS_DESTINATION=str(root / "artifacts"),
+        MLFLOW_WORKERS="1",
+        # The GenAI job runner (huey consumers) is not needed and costs CPU on a small machine.
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+    )
+    return start_process(
+        "mlflow server",
+        ["bash", str(INFRA / "mlflow-server.sh")],
+        log_path=tmp / "mlflow-server.log",
+        env=env,
+        url=f"http://127.0.0.1:{port}",
+    )
+
+
+def prefect_env(tmp: Path, api_url: str | None = None, **extra: str) -> dict[str, str]:
+    """Prefect settings that keep every byte of state under `tmp` and never phone home."""
+    home = tmp / "prefect-home"
+    home.mkdir(parents=True, exist_ok=True)
+    env = base_env(
+        PREFECT_HOME=str(home),
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        **extra,
+    )
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+def start_prefect_server(tmp: Path) -> ServerProcess:
+    """infra/prefect-server.sh without UI. Its scheduler service is off so that no cron run of a
+    test deployment can fire during the test; the schedules themselves are still stored."""
+    port = free_port()
+    env = prefect_env(tmp, PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port))
+    return start_process(
+        "prefect server",
+        ["bash", str(INFRA / "prefect-server.sh"), "--no-ui", "--no-scheduler"],
+        log_path=tmp / "prefect-server.log",
+        env=env,
+        url=f"http://127.0.0.1:{port}/api",
+    )
+
+
+def start_prefect_worker(
+    tmp: Path, api_url: str, pool: str, env_extra: Mapping[str, str] | None = None
+) -> ServerProcess:
+    """infra/prefect-worker.sh on a process pool, polling every second, with its health server.
+
+    `env_extra` (e.g. MLFLOW_TRACKING_URI) reaches every flow run the worker starts."""
+    port = free_port()
+    env = prefect_env(
+        tmp / "worker",
+        api_url,
+        CNNPIPE_WORK_POOL=pool,
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        PREFECT_WORKER_WEBSERVER_HOST="127.0.0.1",
+        PREFECT_WORKER_WEBSERVER_PORT=str(port),
+        **dict(env_extra or {}),
+    )
+    return start_process(
+        "prefect worker",
+        ["bash", str(INFRA / "prefect-worker.sh"), "--with-healthcheck"],
+        log_path=tmp / "prefect-worker.log",
+        env=env,
+        url=f"http://127.0.0.1:{port}",
+    )
+
+
+@contextlib.contextmanager
+def stopping(servers: list[ServerProcess]) -> Iterator[list[ServerProcess]]:
+    """Stop every server in `servers` (also those appended inside the block), newest first."""
+    try:
+        yield servers
+    finally:
+        for server in reversed(servers):
+            server.stop()

@@ -1,0 +1,190 @@
+"""TrainConfig: resolution order, recipes, overrides, validation errors that name the fix."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cnn import config as C
+from cnn.config import TrainConfig, find_recipe, parse_overrides, resolve_config
+
+
+@pytest.fixture
+def recipes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private recipes folder, so these tests do not depend on the shipped recipes' values."""
+    d = tmp_path / "recipes"
+    d.mkdir()
+    (d / "default.yaml").write_text("epochs: 3\nlr: 0.01\n")
+    (d / "lenet.yaml").write_text("epochs: 7\noptimizer: adam\nlr: 0.002\nbatch_size: 64\n")
+    (d / "lenet5-cifar10.yaml").write_text("epochs: 12\nschedule: onecycle\nlr: 0.004\n")
+    monkeypatch.setattr(C, "RECIPES_DIR", d)
+    return d
+
+
+def test_recipe_lookup_order(recipes: Path) -> None:
+    assert find_recipe("lenet5", "cifar10").name == "lenet5-cifar10.yaml"
+    assert find_recipe("lenet5", "mnist").name == "lenet.yaml"  # family default
+    assert find_recipe("resnet18", "mnist").name == "default.yaml"
+    assert find_recipe("resnet18", "mnist", recipe="lenet").name == "lenet.yaml"
+    with pytest.raises(ValueError, match=r"unknown recipe 'lenett'.*did you mean 'lenet'"):
+        find_recipe("lenet5", "cifar10", recipe="lenett")
+
+
+def test_resolve_layers_recipe_file_overrides(recipes: Path, tmp_path: Path) -> None:
+    file = tmp_path / "mine.yaml"
+    file.write_text("lr: 0.05\nbatch_size: 32\n")
+    cfg = resolve_config(
+        model="lenet5",
+        dataset="cifar10",
+        config_file=file,
+        overrides=["epochs=4", "label_smoothing=0.1", "pretrained=null", "ema=true"],
+    )
+    assert cfg.recipe == "lenet5-cifar10"
+    assert cfg.schedule == "onecycle"  # from the recipe
+    assert cfg.lr == 0.05 and cfg.batch_size == 32  # the file beats the recipe
+    assert cfg.epochs == 4 and cfg.ema is True and cfg.label_smoothing == 0.1  # overrides win
+    assert cfg.output_dir == str(Path("runs") / "lenet5-cifar10")
+
+
+def test_family_recipe_then_flags(recipes: Path) -> None:
+    cfg = resolve_config(model="lenet5", dataset="mnist", overrides={"epochs": 2})
+    assert (cfg.recipe, cfg.optimizer, cfg.batch_size, cfg.epochs) == ("lenet", "adam", 64, 2)
+
+
+def test_override_type_coercion() -> None:
+    got = parse_overrides(
+        ["lr=1e-3", "epochs=5", "nesterov=yes", "num_classes=none", "warmup_epochs=1", "seed=1e3"]
+    )
+    assert got == {
+        "lr": 0.001,
+        "epochs": 5,
+        "nesterov": True,
+        "num_classes": None,
+        "warmup_epochs": 1.0,
+        "seed": 1000,
+    }
+    assert isinstance(got["warmup_epochs"], float)
+    assert parse_overrides({"pretrained": True}) == {"pretrained": "DEFAULT"}
+    assert parse_overrides({"batch-size": "16"}) == {"batch_size": 16}
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("epochs=abc", r"epochs='abc' is not a valid int"),
+        ("lr=fast", r"lr='fast' is not a valid float"),
+        ("ema=maybe", r"ema='maybe' is not a valid bool"),
+        ("epochs=2.5", r"epochs=2.5 is not a valid int"),
+        ("epochs=null", r"epochs cannot be null"),
+        ("noequals", r"not key=value"),
+    ],
+)
+def test_bad_override_values(override: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        parse_overrides([override])
+
+
+def test_unknown_key_suggests_close_name(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown config key 'learning_rat'.*"):
+        parse_overrides(["learning_rat=0.1"])
+    with pytest.raises(ValueError, match=r"'epoch'.*did you mean 'epochs'"):
+        parse_overrides(["epoch=3"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: lenet5\nbatchsize: 8\n")
+    with pytest.raises(ValueError, match=rf"'batchsize' in {bad}.*did you mean 'batch_size'"):
+        TrainConfig.from_yaml(bad)
+
+
+def test_yaml_roundtrip_and_hash(tmp_path: Path) -> None:
+    cfg = TrainConfig(model="lenet5", epochs=3, lr=0.02, pretrained=None, num_classes=None)
+    path = cfg.to_yaml(tmp_path / "run.yaml")
+    back = TrainConfig.from_yaml(path)
+    assert back == cfg
+    assert set(yaml.safe_load(path.read_text())) == {f.name for f in dataclasses.fields(cfg)}
+    assert back.config_hash() == cfg.config_hash()
+    # Operational fields do not change the hash; result-changing ones do.
+    assert cfg.replace(output_dir="elsewhere", nproc_per_node=4).config_hash() == cfg.config_hash()
+    assert cfg.replace(mlflow_run_id="abc", log_interval=5).config_hash() == cfg.config_hash()
+    assert cfg.replace(lr=0.03).config_hash() != cfg.config_hash()
+    assert cfg.replace(epochs=4).config_hash() != cfg.config_hash()
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"optimizer": "adamm"}, r"optimizer='adamm' is not valid.*did you mean 'adam'"),
+        ({"schedule": "cosin"}, r"schedule='cosin'.*did you mean 'cosine'"),
+        ({"precision": "fp8"}, r"precision='fp8' is not valid; choose one of auto, bf16"),
+        ({"device": "tpu"}, r"device='tpu' is not valid"),
+        ({"aug": "heavy"}, r"aug='heavy' is not valid"),
+        ({"loader_mode": "disk"}, r"loader_mode='disk' is not valid"),
+        ({"epochs": 0}, r"epochs=0 must be > 0"),
+        ({"lr": -0.1}, r"lr=-0.1 must be > 0"),
+        ({"batch_size": 0}, r"batch_size=0 must be > 0"),
+        ({"grad_accum": 0}, r"grad_accum=0 must be > 0"),
+        ({"weight_decay": -1.0}, r"weight_decay=-1.0 must be >= 0"),
+        ({"val_fraction": 1.0}, r"val_fraction=1.0 must be in \[0.0, 1.0\)"),
+        ({"label_smoothing": 1.5}, r"label_smoothing=1.5 must be in"),
+        ({"momentum": 1.0}, r"momentum=1.0 must be in"),
+        ({"ema_decay": 1.0}, r"ema_decay=1.0 must be in"),
+        ({"num_classes": 0}, r"num_classes=0 must be >= 1"),
+        ({"target_accuracy": 67.0}, r"target_accuracy=67.0 must be in \(0, 1\]"),
+        ({"warmup_epochs": 5.0, "epochs": 2}, r"warmup_epochs=5.0 exceeds epochs=2"),
+        ({"model": "lenet55"}, r"unknown model 'lenet55'.*lenet5"),
+        ({"input_size": 16}, r"input size 16 is below the minimum 32"),
+        ({"freeze_backbone": True}, r"freeze_backbone=true without pretrained"),
+        ({"precision": "fp16", "device": "cpu"}, r"precision='fp16' needs CUDA"),
+        ({"sync_bn": True, "device": "cpu", "nproc_per_node": 2}, r"sync_bn=true needs CUDA"),
+    ],
+)
+def test_validate_rejects(changes: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(TrainConfig(device="cpu"), **changes).validate()
+
+
+def test_batch_not_divisible_by_world_size_names_numbers_and_fix() -> None:
+    cfg = TrainConfig(batch_size=100, device="cpu")
+    cfg.validate(nproc_per_node=2)  # 100 / 2 is fine
+    with pytest.raises(ValueError) as err:
+        cfg.validate(nproc_per_node=3, nnodes=2)
+    msg = str(err.value)
+    assert "batch_size=100" in msg and "world size 6" in msg
+    assert "use batch_size=96 or 102" in msg
+    with pytest.raises(ValueError, match=r"grad_accum=4 = 8; use batch_size=96 or 104"):
+        cfg.replace(grad_accum=4).validate(nproc_per_node=2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cuda_requested_without_gpu() -> None:
+    with pytest.raises(ValueError, match=r"device='cuda' was requested but no CUDA GPU"):
+        TrainConfig(device="cuda").validate()
+
+
+def test_more_processes_than_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pretend this host has 2 GPUs: the check compares nproc_per_node with the device count.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    TrainConfig(device="cuda", batch_size=64).validate(nproc_per_node=2)
+    with pytest.raises(ValueError, match=r"nproc_per_node=4 exceeds the 2 GPU\(s\)"):
+        TrainConfig(device="cuda", batch_size=64).validate(nproc_per_node=4)
+
+
+def test_resolve_validates_early(recipes: Path) -> None:
+    with pytest.raises(ValueError, match="batch_size=63 is not divisible by world size 2"):
+        resolve_config(
+            model="lenet5",
+            dataset="cifar10",
+            overrides=["batch_size=63", "nproc_per_node=2", "device=cpu"],
+        )
+
+
+def test_shipped_recipes_parse() -> None:
+    """Every YAML shipped in cnn/recipes/ holds only known keys with valid types."""
+    for name in C.list_recipes():
+        data = yaml.safe_load((C.RECIPES_DIR / f"{name}.yaml").read_text()) or {}
+        cfg = TrainConfig.from_dict(data, source=name)
+        assert cfg.epochs >= 1

@@ -1,0 +1,258 @@
+"""`cnnpipe deploy`: bad input fails early and clearly; end to end with real servers.
+
+The end-to-end test starts real processes from infra/ on free 127.0.0.1 ports (prefect server,
+mlflow server, a process worker), creates the scheduled deployments, checks the stored cron
+schedules through Prefect's client API, triggers the nightly training deployment on tiny generated
+images and checks through the MLflow server's API that a `champion` model version exists.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakedata import make_imagefolder
+from servers import (
+    free_port,
+    prefect_env,
+    start_mlflow_server,
+    start_prefect_server,
+    start_prefect_worker,
+    stopping,
+    wait_http_ok,
+)
+
+from flows import deploy
+from flows.cli import main as cnnpipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _closed_port_url() -> str:
+    """A Prefect API URL nobody listens on: a check that contacts it fails."""
+    return f"http://127.0.0.1:{free_port()}/api"
+
+
+@pytest.mark.parametrize(
+    ("extra_args", "expected"),
+    [
+        (["--nightly-cron", "61 2 * * *"], ["--nightly-cron", "61 2 * * *", "cron"]),
+        (["--weekly-cron", "every sunday"], ["--weekly-cron", "every sunday"]),
+        (["--timezone", "Mars/Olympus"], ["--timezone", "Mars/Olympus"]),
+        (["--model", "no_such_net"], ["no_such_net", "cnnpipe models"]),
+        (["--models", "lenet5,no_such_net"], ["no_such_net"]),
+        (["--models", " , "], ["--models"]),
+        (["--dataset", "cifar11"], ["cifar11", "cifar10"]),
+        (["--dataset", "imagefolder", "--data-dir", "/nonexistent/imgs"], ["/nonexistent/imgs"]),
+        (["--dataset", "imagefolder"], ["--data-dir"]),
+        (["--epochs", "0"], ["--epochs", "0"]),
+        (["--env", "NOEQUALS"], ["--env", "NOEQUALS"]),
+        (["--work-pool", " "], ["--work-pool"]),
+        (["--source", "/nonexistent/src"], ["--source", "/nonexistent/src"]),
+    ],
+)
+def test_deploy_bad_input_fails_before_contacting_the_server(
+    extra_args: list[str], expected: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The API URL points at a closed port: the error must be about the bad value, which shows
+    # that it was caught before anything talked to (let alone created on) a server.
+    start = time.monotonic()
+    # --models lenet5 first: each case's own options come later and win.
+    rc = cnnpipe(["deploy", "--api-url", _closed_port_url(), "--models", "lenet5", *extra_args])
+    err = capsys.readouterr().err
+    assert rc != 0
+    # Generous: the first call imports torch/torchvision, slow on a busy 2-core machine.
+    assert time.monotonic() - start < 30
+    for text in expected:
+        assert text in err, err
+    assert "unreachable" not in err
+
+
+def test_deploy_unreachable_server_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    url = _closed_port_url()
+    start = time.monotonic()
+    rc = cnnpipe(["deploy", "--api-url", url, "--models", "lenet5"])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert time.monotonic() - start < 30
+    assert url in err and "unreachable" in err and "infra/prefect-server.sh" in err
+
+
+def test_deploy_without_a_server_configured_is_a_clear_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        rc = cnnpipe(["deploy", "--models", "lenet5"])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert "PREFECT_API_URL" in err and "--api-url" in err
+
+
+def test_plan_uses_defaults_and_pins_data_dir(tmp_path: Path) -> None:
+    data = make_imagefolder(tmp_path / "imgs", n_train=2, n_val=1)
+    specs = deploy.plan_deployments(
+        dataset="imagefolder", data_dir=str(data), models="lenet5", epochs=2
+    )
+    nightly, weekly = specs
+    assert (nightly.name, nightly.cron, nightly.timezone) == ("nightly-train", "0 2 * * *", "UTC")
+    assert (weekly.name, weekly.cron) == ("weekly-compare", "0 4 * * 0")
+    assert nightly.parameters == {
+        "model": "lenet5",
+        "dataset": "imagefolder",
+        "data_dir": str(data.resolve()),
+        "epochs": 2,
+    }
+    assert weekly.parameters["models"] == ["lenet5"]
+    assert "register_as" not in nightly.parameters  # None options fall back to the flow's defaults
+
+
+def test_parameters_are_checked_against_the_real_flows() -> None:
+    """A parameter the flow does not take fails with the flow's name, before any server call."""
+    specs = deploy.plan_deployments(models="lenet5")
+    for spec in specs:  # the planned parameters fit the real flows
+        deploy.check_parameters(deploy.load_flow(str(REPO), spec.entrypoint), spec)
+    bad = deploy.DeploymentSpec(
+        name="nightly-train",
+        entrypoint=deploy.TRAIN_ENTRYPOINT,
+        cron="0 2 * * *",
+        timezone="UTC",
+        parameters={**specs[0].parameters, "no_such_parameter": 1},
+        description="",
+    )
+    with pytest.raises(ValueError, match="no_such_parameter"):
+        deploy.check_parameters(deploy.load_flow(str(REPO), bad.entrypoint), bad)
+
+
+# --------------------------------------------------------------------------------------------
+# End to end with real servers
+# --------------------------------------------------------------------------------------------
+
+POOL = "e2e-process"
+MODEL_NAME = "e2e-lenet5"
+
+
+def _flow_run_logs(client: Any, flow_run_id: Any) -> str:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return "\n".join(f"{log.level} {log.message}" for log in logs)[-6000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_deployments_end_to_end(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    t0 = time.monotonic()
+    timings: dict[str, float] = {}
+    servers: list = []
+    with stopping(servers):
+        prefect = start_prefect_server(tmp_path)
+        servers.append(prefect)
+        mlflow = start_mlflow_server(tmp_path)
+        servers.append(mlflow)
+        wait_http_ok(prefect, f"{prefect.url}/health", timeout=120)
+        wait_http_ok(mlflow, f"{mlflow.url}/health", timeout=120)
+        timings["servers"] = time.monotonic() - t0
+
+        data = make_imagefolder(tmp_path / "imgs", n_train=16, n_val=8, size=32)
+        with (
+            temporary_settings({PREFECT_API_URL: prefect.url}),
+            get_client(sync_client=True) as client,
+        ):
+            # Bad input against a live server: non-zero exit and nothing created.
+            rc = cnnpipe(
+                ["deploy", "--work-pool", POOL, "--models", "lenet5,no_such_net"]
+                + ["--api-url", prefect.url]
+            )
+            assert rc != 0
+            assert client.read_deployments() == []
+            assert POOL not in [p.name for p in client.read_work_pools()]
+
+            # The real console script, as a user runs it.
+            args = [
+                "deploy",
+                "--work-pool", POOL,
+                "--model", "lenet5",
+                "--models", "lenet5",
+                "--dataset", "imagefolder",
+                "--data-dir", str(data),
+                "--epochs", "1",
+                "--register-as", MODEL_NAME,
+                "--tracking-uri", mlflow.url,
+            ]  # fmt: skip
+            t = time.monotonic()
+            proc = subprocess.run(
+                [str(Path(sys.executable).parent / "cnnpipe"), *args, "--json"],
+                env=prefect_env(tmp_path / "cli", prefect.url),
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
+            timings["deploy"] = time.monotonic() - t
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            result = json.loads(proc.stdout)  # exactly one JSON object on stdout
+            assert result["work_pool"] == POOL and result["work_pool_created"] is True
+            names = {d["name"].split("/")[1]: d["name"] for d in result["deployments"]}
+            assert set(names) == {"nightly-train", "weekly-compare"}
+
+            # The schedules and parameters are stored on the server.
+            pool = client.read_work_pool(POOL)
+            assert pool.type == "process"
+            nightly = client.read_deployment_by_name(names["nightly-train"])
+            weekly = client.read_deployment_by_name(names["weekly-compare"])
+            assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+            assert [s.schedule.cron for s in weekly.schedules] == ["0 4 * * 0"]
+            assert all(s.active for s in nightly.schedules + weekly.schedules)
+            assert nightly.schedules[0].schedule.timezone == "UTC"
+            assert nightly.work_pool_name == weekly.work_pool_name == POOL
+            assert nightly.parameters["model"] == "lenet5"
+            assert nightly.parameters["data_dir"] == str(data.resolve())
+            assert weekly.parameters["models"] == ["lenet5"]
+            assert nightly.job_variables["env"]["MLFLOW_TRACKING_URI"] == mlflow.url
+
+            # Re-deploying with another cron updates in place: still one schedule per deployment.
+            assert cnnpipe([*args, "--weekly-cron", "30 5 * * 6", "--api-url", prefect.url]) == 0
+            weekly = client.read_deployment_by_name(names["weekly-compare"])
+            assert [s.schedule.cron for s in weekly.schedules] == ["30 5 * * 6"]
+            assert len(client.read_deployments()) == 2
+
+            # A worker on the pool runs the nightly deployment now, on the tiny images.
+            worker = start_prefect_worker(tmp_path, prefect.url, POOL)
+            servers.append(worker)
+            wait_http_ok(worker, f"{worker.url}/health", timeout=90)
+            t = time.monotonic()
+            flow_run = run_deployment(
+                names["nightly-train"],
+                parameters={"batch_size": 8},
+                timeout=240,
+                poll_interval=2,
+                as_subflow=False,
+            )
+            timings["run"] = time.monotonic() - t
+            state = flow_run.state
+            assert state is not None and state.is_completed(), (
+                f"flow run ended {state}\n--- flow run logs ---\n"
+                f"{_flow_run_logs(client, flow_run.id)}\n--- worker log ---\n{worker.log_tail()}"
+            )
+
+        # The MLflow server (not a local store) shows the new champion version.
+        ml = MlflowClient(tracking_uri=mlflow.url, registry_uri=mlflow.url)
+        champion = ml.get_model_version_by_alias(MODEL_NAME, "champion")
+        assert int(champion.version) >= 1
+        run = ml.get_run(champion.run_id)
+        assert run.info.status == "FINISHED"
+        assert 0.0 <= float(run.data.metrics["test_accuracy"]) <= 1.0
+    timings["total"] = time.monotonic() - t0
+    print(f"deploy e2e timings (s): { {k: round(v, 1) for k, v in timings.items()} }")

@@ -1,0 +1,283 @@
+"""The training engine in one process: outputs, resume, config-mismatch refusal, NaN stop,
+gradient accumulation. Also holds the helpers the torchrun tests (tests/test_torchrun.py) use.
+
+Everything runs on a tiny generated 3-class image folder with LeNet-5, fp32 on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fakedata import make_imagefolder
+
+from cnn.checkpoint import load_checkpoint, load_model_from_checkpoint
+from cnn.config import TrainConfig
+from cnn.evaluate import evaluate
+from cnn.train import build_scheduler, main, param_groups, train
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("ant", "bee", "wasp")
+# 48 train images -> 6 steps per epoch at global batch 8; 15 val and 15 test images, an odd
+# count so the eval shards of 2 ranks are unequal (8 + 7) and exactness is really tested.
+N_TRAIN, N_EVAL, BATCH = 16, 5, 8
+STEPS_PER_EPOCH = len(CLASSES) * N_TRAIN // BATCH
+
+
+# ------------------------------------------------------------------ helpers (shared)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A learnable image folder (train/val/test) and a cache dir, made once per session."""
+    root = tmp_path_factory.mktemp("tiny")
+    images = make_imagefolder(
+        root / "images",
+        classes=CLASSES,
+        n_train=N_TRAIN,
+        n_val=N_EVAL,
+        n_test=N_EVAL,
+        splits=("train", "val", "test"),
+    )
+    return {"data_dir": str(images), "cache_dir": str(root / "cache")}
+
+
+def tiny_config(data: dict[str, str], out_dir: Path, **changes: Any) -> TrainConfig:
+    """Deterministic, un-augmented LeNet runs, so different launches can be compared exactly."""
+    base: dict[str, Any] = {
+        "model": "lenet5",
+        "dataset": "imagefolder",
+        **data,
+        "output_dir": str(out_dir),
+        "epochs": 2,
+        "batch_size": BATCH,
+        "lr": 0.02,
+        "optimizer": "sgd",
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "schedule": "onecycle",
+        "aug": "none",
+        "device": "cpu",
+        "num_threads": 1,
+        "num_workers": 0,
+        "loader_mode": "memory",
+        "deterministic": True,
+        "seed": 0,
+    }
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def write_config(cfg: TrainConfig) -> Path:
+    return cfg.to_yaml(Path(cfg.output_dir).parent / f"{Path(cfg.output_dir).name}.yaml")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+    env.pop("TORCHELASTIC_RESTART_COUNT", None)
+    return env
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 240) -> tuple[int, str]:
+    """Run a real process group; return (exit code, stdout+stderr)."""
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env=env or subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
+    return proc.returncode, proc.stdout
+
+
+def model_params(out_dir: str | Path, name: str = "last.pt") -> dict[str, torch.Tensor]:
+    return load_checkpoint(Path(out_dir) / "checkpoints" / name)["model"]
+
+
+def assert_params_close(a: dict, b: dict, atol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=f"parameter {k}")
+
+
+@pytest.fixture
+def torch_globals() -> Any:
+    """train() sets process-wide torch state (threads, deterministic mode): restore it."""
+    threads = torch.get_num_threads()
+    det = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(det)
+
+
+# ------------------------------------------------------------------ tests
+
+
+def test_run_outputs_resume_and_mismatch(
+    tiny_data: dict, tmp_path: Path, torch_globals: None, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny_data, out, ckpt_interval_steps=4)
+    result = train(cfg)
+    printed = capsys.readouterr().out
+    # One progress line per epoch with every field.
+    lines = [ln for ln in printed.splitlines() if ln.startswith("epoch ")]
+    assert len(lines) == 2
+    for field in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "img/s", "eta"):
+        assert field in lines[0]
+    # Output directory contract (docs/internals.md).
+    assert TrainConfig.from_yaml(out / "run.yaml") == cfg
+    assert (out / "checkpoints" / "last.pt").is_file() and (out / "checkpoints" / "best.pt").is_file()
+    saved = json.loads((out / "result.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    for key in (
+        "best_val_accuracy", "best_epoch", "epochs_completed", "images_per_s",
+        "train_seconds", "resumed_from", "classes", "test", "test_is_val",
+    ):  # fmt: skip
+        assert key in saved
+    assert saved["epochs_completed"] == 2 and saved["classes"] == list(CLASSES)
+    assert saved["resumed_from"] is None and saved["test_is_val"] is False
+    test = saved["test"]
+    assert set(test["per_class_accuracy"]) == set(CLASSES)
+    assert sum(map(sum, test["confusion_matrix"])) == len(CLASSES) * N_EVAL
+    assert test["top5"] is None  # 3 classes
+    assert saved["best_val_accuracy"] > 1 / len(CLASSES)  # it learned something
+    last = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert (last["epoch"], last["step"], last["batch"]) == (2, 2 * STEPS_PER_EPOCH, 0)
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in last["model"])
+    # The best checkpoint rebuilds the model alone, and gives the reported test accuracy.
+    model, cfg_dict, meta = load_model_from_checkpoint(out / "checkpoints" / "best.pt")
+    assert cfg_dict["model"] == "lenet5" and meta["classes"] == list(CLASSES)
+    from cnn.data import build_loaders
+
+    loaders = build_loaders(
+        Path(tiny_data["cache_dir"]).glob("imagefolder-*").__next__(),
+        input_size=32,
+        style="cifar",
+        batch_size=BATCH,
+        normalize=(meta["mean"], meta["std"]),
+    )
+    again = evaluate(model, loaders.test, len(CLASSES), device=torch.device("cpu"))
+    assert again.accuracy == pytest.approx(test["accuracy"])
+
+    # Restarting a finished run resumes at its end: no training, same result.
+    before = (out / "checkpoints" / "last.pt").read_bytes()
+    result2 = train(cfg)
+    assert f"resumed from {out / 'checkpoints' / 'last.pt'} at epoch 2 step 12" in (
+        capsys.readouterr().out
+    )
+    assert result2["test"] == result["test"]
+    assert (out / "checkpoints" / "last.pt").read_bytes() == before
+
+    # Another config in the same output dir is refused, naming both hashes and the fix.
+    other = cfg.replace(lr=0.05)
+    with pytest.raises(ValueError) as err:
+        train(other)
+    msg = str(err.value)
+    assert cfg.config_hash() in msg and other.config_hash() in msg and "new output_dir" in msg
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(
+    tiny_data: dict, tmp_path: Path, torch_globals: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tiny_config(tiny_data, tmp_path / "nan")
+    bad_step = STEPS_PER_EPOCH + 2  # in the second epoch, after the epoch-1 checkpoint
+    monkeypatch.setenv("CNNPIPE_TEST_NAN_AT_STEP", str(bad_step))
+    last = tmp_path / "nan" / "checkpoints" / "last.pt"
+    with pytest.raises(FloatingPointError, match=rf"non-finite loss .* epoch 2 step {bad_step}\b"):
+        train(cfg)
+    good_bytes, good_mtime = last.read_bytes(), last.stat().st_mtime_ns
+    state = load_checkpoint(last)
+    assert state["step"] == STEPS_PER_EPOCH  # the epoch-1 checkpoint, before the bad step
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    # A restart resumes from it, meets the same bad step, and again leaves it untouched.
+    with pytest.raises(FloatingPointError, match=rf"epoch 2 step {bad_step}\b"):
+        train(cfg)
+    assert last.read_bytes() == good_bytes and last.stat().st_mtime_ns == good_mtime
+
+
+def test_grad_accumulation_matches_full_batch(
+    tiny_data: dict, tmp_path: Path, torch_globals: None
+) -> None:
+    """2 micro-batches of 4 with accumulation = one batch of 8 (LeNet has no batch norm)."""
+    full = tiny_config(tiny_data, tmp_path / "full", epochs=1)
+    accum = tiny_config(tiny_data, tmp_path / "accum", epochs=1, grad_accum=2)
+    train(full)
+    train(accum)
+    assert_params_close(model_params(full.output_dir), model_params(accum.output_dir))
+
+
+def test_features_ema_cosine_smoothing_clip_via_cli(
+    tiny_data: dict, tmp_path: Path, torch_globals: None
+) -> None:
+    """The CLI entry point with overrides, and the optional features on together."""
+    cfg = tiny_config(tiny_data, tmp_path / "feat", epochs=2, deterministic=False)
+    path = write_config(cfg)
+    overrides = ["ema=true", "ema_decay=0.9", "schedule=cosine", "warmup_epochs=0.5",
+                 "label_smoothing=0.1", "grad_clip=1.0", "optimizer=adamw", "lr=0.003",
+                 "aug=cifar", "channels_last=true", "target_accuracy=0.05"]  # fmt: skip
+    assert main(["--config", str(path), *overrides]) == 0
+    out = Path(cfg.output_dir)
+    result = json.loads((out / "result.json").read_text())
+    assert result["epochs_completed"] == 1  # target_accuracy reached after epoch 1: early stop
+    state = load_checkpoint(out / "checkpoints" / "best.pt")
+    assert state["ema"] is not None and state["config"]["schedule"] == "cosine"
+    assert TrainConfig.from_yaml(out / "run.yaml").ema is True
+
+
+def test_no_weight_decay_on_norm_and_bias() -> None:
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4, 2)
+    )
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {p.shape for p in decay["params"]} == {(4, 3, 3, 3), (2, 4)}
+    assert len(no_decay["params"]) == 4  # conv bias, bn weight, bn bias, linear bias
+
+
+@pytest.mark.parametrize("epochs", [3, 10])
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "step", "constant"])
+def test_schedule_adapts_to_epochs(schedule: str, epochs: int) -> None:
+    """The same recipe stretches to any epoch count: peak lr reached, ends annealed."""
+    cfg = TrainConfig(
+        schedule=schedule, epochs=epochs, lr=0.1, warmup_epochs=1, step_size=epochs / 2
+    )
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = build_scheduler(cfg, opt, steps_per_epoch=5)
+    lrs = []
+    for _ in range(epochs * 5):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert max(lrs) == pytest.approx(0.1, rel=0.05)
+    if schedule == "constant":
+        assert lrs[-1] == pytest.approx(0.1)
+    else:
+        assert lrs[-1] < 0.05  # annealed by the end, whatever the length
+    if schedule != "onecycle":
+        assert lrs[0] < 0.01  # linear warmup from 1% of the peak
+
+
+@pytest.mark.slow
+def test_compile_channels_last_one_step(
+    tiny_data: dict, tmp_path: Path, torch_globals: None
+) -> None:
+    """torch.compile (before DDP) and channels_last on CPU: one short epoch trains and saves
+    plain (unprefixed) weights."""
+    if sys.platform != "linux":
+        pytest.skip("inductor on CPU needs a C++ toolchain")
+    cfg = tiny_config(
+        tiny_data, tmp_path / "compiled", epochs=1, compile=True, channels_last=True,
+        deterministic=False,
+    )  # fmt: skip
+    result = train(cfg)
+    assert result["epochs_completed"] == 1
+    keys = model_params(cfg.output_dir).keys()
+    assert "features.0.weight" in keys and not any("_orig_mod" in k for k in keys)
