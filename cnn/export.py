@@ -135,7 +135,14 @@ def from_checkpoint(
         std=meta["std"],
         in_channels=int(meta.get("in_channels", 3)),
         output=output,
-        info={"model": str(cfg.get("model")), "dataset": str(meta.get("dataset", ""))},
+        # The data settings that define the splits, so `cnnpipe evaluate` can rebuild them.
+        info={
+            "model": str(cfg.get("model")),
+            "dataset": str(meta.get("dataset", cfg.get("dataset", ""))),
+            "val_fraction": cfg.get("val_fraction"),
+            "seed": cfg.get("seed"),
+            "resolution": cfg.get("resolution"),
+        },
     ).to(device)
 
 

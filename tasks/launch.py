@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,21 +154,15 @@ def _alive(pid: int) -> bool:
 def _signal_all(pids: Sequence[int], sig: int) -> None:
     groups = set()
     for pid in pids:
-        try:
+        with suppress(OSError):
             groups.add(os.getpgid(pid))
-        except OSError:
-            pass
     own = os.getpgid(0)
     for pgid in groups - {own}:  # never signal our own group (the flow process)
-        try:
+        with suppress(OSError):
             os.killpg(pgid, sig)
-        except OSError:
-            pass
     for pid in pids:  # processes that left their group: signal them directly
-        try:
+        with suppress(OSError):
             os.kill(pid, sig)
-        except OSError:
-            pass
 
 
 def kill_tree(pid: int, grace: float = 10.0) -> None:
@@ -266,3 +260,60 @@ def run_job(
     if returncode != 0:
         raise TrainingJobError(returncode, tail)
     return returncode
+
+
+# -------------------------------------------------------------------- concurrency slots
+
+
+class JobSlots:
+    """Caps how many training jobs of one flow run at once and hands each its own GPUs.
+
+    Why not only Prefect's task-runner cap: a job must also know WHICH GPUs are free, so two
+    concurrent jobs never share one. `gpus` are device ids (from CUDA_VISIBLE_DEVICES or all
+    GPUs); with none, jobs only share the slot count (CPU)."""
+
+    def __init__(self, max_jobs: int, gpus: Sequence[str] = ()) -> None:
+        if max_jobs < 1:
+            raise ValueError(f"max_concurrent={max_jobs} must be >= 1")
+        self.max_jobs = max_jobs
+        self._free = list(gpus)
+        self._total = len(self._free)
+        self._running = 0
+        self._cond = threading.Condition()
+
+    @classmethod
+    def for_host(cls, max_jobs: int | None, gpus_per_job: int = 1) -> JobSlots:
+        """One job per `gpus_per_job` GPUs when there are GPUs (the default cap), else 1."""
+        gpus = visible_gpus()
+        if max_jobs is None:
+            max_jobs = max(1, len(gpus) // max(gpus_per_job, 1)) if gpus else 1
+        return cls(max_jobs, gpus)
+
+    @contextmanager
+    def acquire(self, n_gpus: int = 0) -> Iterator[list[str]]:
+        """Block until a job slot (and `n_gpus` free GPUs, if this host has GPUs) is free."""
+        if n_gpus > self._total:
+            n_gpus = 0 if self._total == 0 else n_gpus  # CPU host: only the slot count applies
+        if n_gpus > self._total:
+            raise ValueError(f"a job needs {n_gpus} GPUs but this host has {self._total}")
+        with self._cond:
+            self._cond.wait_for(lambda: self._running < self.max_jobs and len(self._free) >= n_gpus)
+            self._running += 1
+            mine, self._free = self._free[:n_gpus], self._free[n_gpus:]
+        try:
+            yield mine
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._free.extend(mine)
+                self._cond.notify_all()
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this process may use: CUDA_VISIBLE_DEVICES if set, else every GPU torch sees."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]

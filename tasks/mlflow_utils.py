@@ -68,13 +68,12 @@ def store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def check_tracking(uri: str | None = None, timeout: float = 5.0) -> str:
-    """Make sure the tracking store answers (and, for SQLite, has its schema) and make it the
-    process default. Raises TrackingUnavailableError with the fix, within `timeout` seconds,
+def check_reachable(uri: str | None = None, timeout: float = 5.0) -> str:
+    """A tracking server answers its health check within `timeout` seconds (stdlib only, so
+    the CLI can ask before importing mlflow). Raises TrackingUnavailableError with the fix,
     instead of MLflow's minutes of HTTP retries after training has already run."""
     uri = resolve_tracking_uri(uri)
-    scheme = urlparse(uri).scheme
-    if scheme in ("http", "https"):
+    if urlparse(uri).scheme in ("http", "https"):
         url = uri.rstrip("/") + "/health"
         try:
             with urllib.request.urlopen(url, timeout=timeout) as resp:
@@ -87,6 +86,20 @@ def check_tracking(uri: str | None = None, timeout: float = 5.0) -> str:
                 "infra/README.md) or unset MLFLOW_TRACKING_URI to use the local "
                 "sqlite:///mlflow.db store"
             ) from None
+    return uri
+
+
+def check_tracking(uri: str | None = None, timeout: float = 5.0, create: bool = True) -> str:
+    """Make sure the tracking store answers (and, for SQLite, has its schema) and make it the
+    process default. With `create=False` (read-only commands) a missing local store is an error
+    rather than a new empty database."""
+    uri = check_reachable(uri, timeout)
+    path = _sqlite_path(uri)
+    if not create and path is not None and not path.exists():
+        raise TrackingUnavailableError(
+            f"no MLflow store at {path} (nothing was trained or registered here yet); run "
+            "`cnnpipe train` in this folder first, or set MLFLOW_TRACKING_URI"
+        )
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -151,9 +164,7 @@ def log_metrics(run_id: str, metrics: dict[str, float | None], uri: str | None =
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    batch = [
-        Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None and v == v
-    ]
+    batch = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None and v == v]
     if batch:
         client(uri).log_batch(run_id, metrics=batch)
 
@@ -195,11 +206,11 @@ def find_logged_model(run_id: str, name: str = "model", uri: str | None = None) 
         found = c.search_logged_models(
             experiment_ids=[run.info.experiment_id],
             filter_string=f"source_run_id = '{run_id}' AND name = '{name}'",
-            max_results=1,
         )
     except Exception:  # older servers without logged-model search: log again
         return None
-    return f"models:/{found[0].model_id}" if len(found) else None
+    ready = [m for m in found if str(m.status).endswith("READY")]  # not a half-logged one
+    return f"models:/{ready[0].model_id}" if ready else None
 
 
 def log_model(
@@ -210,12 +221,21 @@ def log_model(
     existing = find_logged_model(run_id, name, uri)
     if existing:
         return existing
+    import mlflow
     import mlflow.pytorch
 
+    # Create the LoggedModel in the run's experiment explicitly: log_model alone would put it in
+    # the process's "current" experiment, which is not the run's when no run is active.
+    logged = mlflow.initialize_logged_model(
+        name=name,
+        source_run_id=run_id,
+        experiment_id=client(uri).get_run(run_id).info.experiment_id,
+    )
     info = mlflow.pytorch.log_model(
         model.cpu().eval(),
         name=name,
         run_id=run_id,
+        model_id=logged.model_id,
         signature=model_signature(model.in_channels, model.num_classes),
         input_example=example,
         pip_requirements=_pip_requirements(),

@@ -1,17 +1,16 @@
 """Real server processes for end-to-end tests: `mlflow server`, `prefect server` and a worker.
 
-Each server runs in its own process group on a free 127.0.0.1 port, with all its state (databases,
-artifacts, PREFECT_HOME) under a test's tmp directory. Start-up waits on the server's health
-endpoint with a bounded timeout, and teardown kills the process group and every descendant (flow
-runs and torchrun jobs start their own sessions), so a failed or timed-out test leaves nothing
-running.
+They are started through the infra/ scripts (so the scripts are tested too), each in its own
+process group on a free 127.0.0.1 port, with all state (databases, artifacts, PREFECT_HOME) under
+the test's tmp directory. Start-up waits on the server's health endpoint with a bounded timeout;
+teardown kills every process group in the server's process tree (flow runs and torchrun jobs start
+their own sessions), so a failed or timed-out test leaves nothing running.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,8 +18,10 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from tasks.launch import kill_tree
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
@@ -33,50 +34,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _children_map() -> dict[int, list[int]]:
-    """ppid -> child pids, read from /proc (psutil is not a project dependency)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # The command name may hold spaces or parentheses: fields after the last ')' are fixed.
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    return children
-
-
-def descendants(pid: int) -> list[int]:
-    """All live descendants of `pid`, including those that moved to their own session."""
-    if not Path("/proc").is_dir():
-        return []
-    tree = _children_map()
-    found: list[int] = []
-    stack = [pid]
-    while stack:
-        for child in tree.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is dead for our purposes.
-    with contextlib.suppress(OSError):
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    return True
-
-
 @dataclass
 class ServerProcess:
     """One started server: its process, log file and base URL."""
@@ -85,7 +42,6 @@ class ServerProcess:
     proc: subprocess.Popen[bytes]
     log_path: Path
     url: str
-    extra: dict[str, str] = field(default_factory=dict)
 
     def log_tail(self, chars: int = 4000) -> str:
         try:
@@ -94,27 +50,13 @@ class ServerProcess:
             return "<no log>"
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM the process group, then SIGKILL it and any straggling descendants."""
-        kids = descendants(self.proc.pid)
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=timeout)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        # Descendants in their own sessions (flow runs, torchrun) survive killpg: kill each one.
-        kids += [p for p in descendants(self.proc.pid) if p not in kids]
-        for pid in kids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + timeout
-        while any(_alive(p) for p in kids) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        """SIGTERM every process group in the server's process tree, SIGKILL what is left.
+
+        The tree includes the worker's flow runs and their torchrun jobs, which start their own
+        sessions and would survive a plain killpg. Same helper the training task uses."""
+        kill_tree(self.proc.pid, grace=timeout)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=timeout)
 
 
 def start_process(

@@ -161,6 +161,16 @@ def test_augmentation_shapes_ranges_and_seed() -> None:
     assert torch.allclose(e, expect, atol=1e-5)
 
 
+def test_crop_matches_torchvision_random_crop_candidates() -> None:
+    """Each output is one of RandomCrop(10, padding=4)'s 81 crops (zero fill), maybe flipped."""
+    x = torch.randint(1, 256, (6, 3, 10, 10), dtype=torch.uint8)
+    a = random_crop_flip(x, 10, 4, torch.Generator().manual_seed(7))
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for i in range(6):
+        crops = [padded[i, :, dy : dy + 10, dx : dx + 10] for dy in range(9) for dx in range(9)]
+        assert any(torch.equal(a[i], c) or torch.equal(a[i], c.flip(-1)) for c in crops)
+
+
 def test_crop_without_padding_is_identity_up_to_flip() -> None:
     x = torch.randint(0, 256, (8, 3, 10, 10), dtype=torch.uint8)
     a = random_crop_flip(x, 10, 0, torch.Generator().manual_seed(0))
@@ -188,6 +198,18 @@ def test_stream_path_matches_memory_sampling(tmp_path: Path) -> None:
         assert torch.allclose(xm, xs_, atol=1e-5)
 
 
+def test_stream_workers_do_not_change_batches() -> None:
+    """Per-batch seeding: 2 DataLoader worker processes give exactly the 0-worker batches."""
+    prep = _prepared(24)
+    kw = dict(input_size=8, style="finetune", batch_size=4, seed=2, mode="stream")
+    a = build_loaders(prep, num_workers=0, **kw)
+    b = build_loaders(prep, num_workers=2, **kw)
+    for lo in (a, b):
+        lo.train.set_epoch(5)
+    for (xa, ya), (xb, yb) in zip(a.train, b.train, strict=True):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
+
+
 def test_auto_mode_picks_stream_over_budget() -> None:
     prep = _prepared(20)
     small = build_loaders(prep, input_size=8, style="cifar", batch_size=4, memory_budget=10)
@@ -204,6 +226,9 @@ def test_auto_mode_picks_stream_over_budget() -> None:
         (dict(rank=2, world_size=2), "rank must be in"),
         (dict(batch_size=64), "larger than the training split"),
         (dict(normalize=((0.5, 0.5), (0.5, 0.5))), "normalize has 2 channel"),
+        (dict(normalize=((0.5,) * 3, (0.5, 0.0, 0.5))), "std must be positive"),
+        (dict(input_size=0), "input_size must be a positive integer"),
+        (dict(resize_size=4), r"resize_size \(4\) must be >= input_size \(8\)"),
     ],
 )
 def test_bad_loader_arguments(kw: dict, match: str) -> None:
@@ -211,6 +236,12 @@ def test_bad_loader_arguments(kw: dict, match: str) -> None:
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         build_loaders(_prepared(20), **args)
+
+
+def test_start_batch_out_of_range() -> None:
+    lo = build_loaders(_prepared(20), input_size=8, style="cifar", batch_size=4, mode="memory")
+    with pytest.raises(ValueError, match="start_batch 9 out of range 0..5"):
+        next(lo.train.iterate(9))
 
 
 def test_end_to_end_imagefolder_loaders(tmp_path: Path) -> None:

@@ -183,6 +183,7 @@ def test_empty_class_is_an_error(tmp_path: Path) -> None:
         (dict(val_fraction=1.5), "val_fraction must be between 0 and 1"),
         (dict(resolution=2), "resolution must be an integer >= 8"),
         (dict(seed="x"), "seed must be an integer"),
+        (dict(data_dir=None), "data_dir is required"),
     ],
 )
 def test_bad_prepare_arguments(tmp_path: Path, kw: dict, match: str) -> None:

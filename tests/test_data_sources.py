@@ -13,7 +13,7 @@ import pytest
 import torch
 from fakedata import make_cifar_batches, make_mnist_idx, make_tar_gz, md5_of, serve_files
 
-from cnn.data import RemoteFile, get_source, load_prepared, prepare_dataset
+from cnn.data import RemoteFile, build_loaders, get_source, load_prepared, prepare_dataset
 from cnn.data.sources import (
     MIRROR_ENV,
     ChecksumError,
@@ -223,6 +223,13 @@ def test_prepare_mnist_formats_from_local_server(tmp_path: Path, name: str) -> N
         assert info.in_channels == 1 and info.resolution == 28 and info.num_classes == 10
         assert info.splits["train"] + info.splits["val"] == 30 and info.splits["test"] == 10
         assert len(info.mean) == 1
+    # 28x28 one-channel storage is resized on the fly to a 32-pixel model's input.
+    lo = build_loaders(info, input_size=32, style="cifar", batch_size=10, mode="memory")
+    assert lo.in_channels == 1
+    lo.train.set_epoch(0)
+    x, _ = next(iter(lo.train))
+    assert x.shape == (10, 1, 32, 32)
+    assert next(iter(lo.test))[0].shape == (10, 1, 32, 32)
 
 
 def test_prepare_download_false_without_files(tmp_path: Path) -> None:

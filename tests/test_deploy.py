@@ -171,6 +171,7 @@ def test_deployments_end_to_end(tmp_path: Path) -> None:
             get_client(sync_client=True) as client,
         ):
             # Bad input against a live server: non-zero exit and nothing created.
+            t = time.monotonic()
             rc = cnnpipe(
                 ["deploy", "--work-pool", POOL, "--models", "lenet5,no_such_net"]
                 + ["--api-url", prefect.url]
@@ -178,6 +179,7 @@ def test_deployments_end_to_end(tmp_path: Path) -> None:
             assert rc != 0
             assert client.read_deployments() == []
             assert POOL not in [p.name for p in client.read_work_pools()]
+            timings["bad_input"] = time.monotonic() - t
 
             # The real console script, as a user runs it.
             args = [
@@ -222,15 +224,22 @@ def test_deployments_end_to_end(tmp_path: Path) -> None:
             assert weekly.parameters["models"] == ["lenet5"]
             assert nightly.job_variables["env"]["MLFLOW_TRACKING_URI"] == mlflow.url
 
+            # The worker starts now (the pool exists) and warms up during the re-deploy below.
+            worker = start_prefect_worker(tmp_path, prefect.url, POOL)
+            servers.append(worker)
+
             # Re-deploying with another cron updates in place: still one schedule per deployment.
+            t = time.monotonic()
             assert cnnpipe([*args, "--weekly-cron", "30 5 * * 6", "--api-url", prefect.url]) == 0
+            timings["redeploy"] = time.monotonic() - t
             weekly = client.read_deployment_by_name(names["weekly-compare"])
             assert [s.schedule.cron for s in weekly.schedules] == ["30 5 * * 6"]
             assert len(client.read_deployments()) == 2
 
-            # A worker on the pool runs the nightly deployment now, on the tiny images.
-            worker = start_prefect_worker(tmp_path, prefect.url, POOL)
-            servers.append(worker)
+            # The worker runs the nightly deployment now, on the tiny images. Its environment has
+            # no MLFLOW_* variables: the tracking URI reaches the run through the deployment.
+            ml = MlflowClient(tracking_uri=mlflow.url, registry_uri=mlflow.url)
+            assert ml.search_model_versions(f"name = '{MODEL_NAME}'") == []
             wait_http_ok(worker, f"{worker.url}/health", timeout=90)
             t = time.monotonic()
             flow_run = run_deployment(
@@ -248,11 +257,12 @@ def test_deployments_end_to_end(tmp_path: Path) -> None:
             )
 
         # The MLflow server (not a local store) shows the new champion version.
-        ml = MlflowClient(tracking_uri=mlflow.url, registry_uri=mlflow.url)
         champion = ml.get_model_version_by_alias(MODEL_NAME, "champion")
         assert int(champion.version) >= 1
         run = ml.get_run(champion.run_id)
         assert run.info.status == "FINISHED"
+        # ... and it is the version this triggered flow run registered.
+        assert run.data.tags["prefect.flow_run_id"] == str(flow_run.id)
         assert 0.0 <= float(run.data.metrics["test_accuracy"]) <= 1.0
     timings["total"] = time.monotonic() - t0
     print(f"deploy e2e timings (s): { {k: round(v, 1) for k, v in timings.items()} }")

@@ -275,7 +275,7 @@ def test_compile_channels_last_one_step(
         pytest.skip("inductor on CPU needs a C++ toolchain")
     cfg = tiny_config(
         tiny_data, tmp_path / "compiled", epochs=1, compile=True, channels_last=True,
-        deterministic=False,
+        deterministic=False, eval_batch_size=len(CLASSES) * N_EVAL,  # one eval shape: 1 compile
     )  # fmt: skip
     result = train(cfg)
     assert result["epochs_completed"] == 1

@@ -36,8 +36,9 @@ def random_crop_flip(
 ) -> torch.Tensor:
     """Per-sample random ``size`` crop of the zero-padded batch, plus a random horizontal flip.
 
-    One gather for the whole batch: each sample's row/column indices are its crop offset plus
-    ``arange(size)``, with the column order reversed for flipped samples. Keeps the dtype.
+    One ``gather`` for the whole batch: each output pixel's flat index in the padded image is
+    ``(dy + row) * width + (dx + col)``, with the column order reversed for flipped samples.
+    (``gather`` is ~5x faster than the equivalent 4-tensor advanced indexing.) Keeps the dtype.
     """
     b, c, h, w = x.shape
     if padding:
@@ -53,12 +54,9 @@ def random_crop_flip(
     if flip:
         flips = torch.rand(b, generator=generator) < 0.5
         cols = torch.where(flips[:, None], cols.flip(1), cols)
-    dev = x.device
-    rows = rows.to(dev, non_blocking=True)
-    cols = cols.to(dev, non_blocking=True)
-    bi = torch.arange(b, device=dev)[:, None, None, None]
-    ci = torch.arange(c, device=dev)[None, :, None, None]
-    return x[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+    flat = (rows[:, :, None] * wp + cols[:, None, :]).reshape(b, 1, size * size)
+    flat = flat.to(x.device, non_blocking=True).expand(b, c, size * size)
+    return x.reshape(b, c, hp * wp).gather(2, flat).reshape(b, c, size, size)
 
 
 def random_resized_crop_boxes(

@@ -288,21 +288,21 @@ class RawSplit:
 # archive's md5 against the spec on download, so these subclasses clear the per-member md5s
 # (torchvision's `check_integrity(path, None)` then only checks that the file exists) and
 # otherwise use torchvision's reader unchanged.
-class _CIFAR10(tvd.CIFAR10):
+class CIFAR10Files(tvd.CIFAR10):
     train_list = [[f, None] for f, _ in tvd.CIFAR10.train_list]
     test_list = [[f, None] for f, _ in tvd.CIFAR10.test_list]
     meta = {**tvd.CIFAR10.meta, "md5": None}
 
 
-class _CIFAR100(tvd.CIFAR100):
+class CIFAR100Files(tvd.CIFAR100):
     train_list = [[f, None] for f, _ in tvd.CIFAR100.train_list]
     test_list = [[f, None] for f, _ in tvd.CIFAR100.test_list]
     meta = {**tvd.CIFAR100.meta, "md5": None}
 
 
 _READERS: dict[str, type[tvd.VisionDataset]] = {
-    "cifar10": _CIFAR10,
-    "cifar100": _CIFAR100,
+    "cifar10": CIFAR10Files,
+    "cifar100": CIFAR100Files,
     "mnist": tvd.MNIST,
     "fashion-mnist": tvd.FashionMNIST,
 }

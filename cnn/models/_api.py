@@ -87,6 +87,7 @@ class _Entry:
     std: tuple[float, float, float]
     source: str
     params_num_classes: int
+    params: int | None  # known count (torchvision's weights metadata); None: count a meta build
     fixed_input_size: bool
     input_size_multiple: int
     # Builder keyword that sets the image size (ViT "image_size"); lets get_model(input_size=...)
@@ -119,6 +120,7 @@ def register_model(
     std: Sequence[float] = CIFAR10_STD,
     source: str = "cnn",
     params_num_classes: int = 10,
+    params: int | None = None,
     fixed_input_size: bool = False,
     input_size_multiple: int = 1,
     size_kw: str | None = None,
@@ -151,6 +153,7 @@ def register_model(
             std=tuple(float(s) for s in std),  # type: ignore[arg-type]
             source=source,
             params_num_classes=params_num_classes,
+            params=params,
             fixed_input_size=fixed_input_size,
             input_size_multiple=input_size_multiple,
             size_kw=size_kw,
@@ -224,6 +227,8 @@ def _meta_model(entry: _Entry, num_classes: int) -> nn.Module:
 def _param_count(name: str) -> int:
     """Parameter count from a meta-device build, so even ViT-H costs milliseconds and no memory."""
     entry = _entry(name)
+    if entry.params is not None:
+        return entry.params
     return sum(p.numel() for p in _meta_model(entry, entry.params_num_classes).parameters())
 
 

@@ -1,0 +1,389 @@
+"""Prefect flows: `train_pipeline` (prepare -> train -> evaluate -> register, in one MLflow run)
+and `compare_architectures` (several models on one dataset: a parent MLflow run, a child run per
+model, a comparison table).
+
+Thin on purpose: validation lives in `tasks.plan`, the work in the tasks. Every stage is timed,
+so `cnnpipe train --json` can report where the pipeline's own overhead goes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import get_run_context
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tasks import mlflow_utils, plots
+from tasks.evaluate import artifact_key, evaluate_model
+from tasks.launch import JobSlots, LaunchSpec
+from tasks.plan import Overrides, plan_training
+from tasks.prepare import prepare_for
+from tasks.register import register_model
+from tasks.train import train_model
+
+# Names of the engine's TrainConfig fields that the flows accept as plain parameters (so a
+# deployment can set them without `overrides`).
+_SHORTCUTS = ("epochs", "batch_size", "lr", "device", "pretrained", "freeze_backbone")
+
+
+@contextmanager
+def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+
+def _merge_overrides(overrides: Overrides, **shortcuts: Any) -> list[str] | dict[str, Any]:
+    """Shortcut parameters (epochs=..., lr=...) over the `key=value` overrides."""
+    from cnn.config import parse_overrides
+
+    merged = parse_overrides(overrides)
+    merged.update({k: v for k, v in shortcuts.items() if v is not None})
+    return merged
+
+
+def _flow_run_id() -> str:
+    try:
+        return str(get_run_context().flow_run.id)  # type: ignore[union-attr]
+    except Exception:
+        return ""
+
+
+def _run_status(exc: BaseException) -> str:
+    return "FAILED" if isinstance(exc, Exception) else "KILLED"  # cancel/interrupt: KILLED
+
+
+def _evaluate_and_register(
+    train_out: dict[str, Any],
+    info: Any,
+    run_id: str,
+    register_name: str | None,
+    timings: dict[str, float],
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    with _stage(timings, "evaluate"):
+        metrics = evaluate_model(train_out, str(info.path), run_id)
+    reg = None
+    if register_name:
+        with _stage(timings, "register"):
+            reg = register_model(
+                train_out["output_dir"],
+                str(info.path),
+                run_id,
+                register_name,
+                metrics["test_accuracy"],
+            )
+    return metrics, reg
+
+
+@flow(name="train-pipeline")
+def train_pipeline(
+    model: str = "lenet5",
+    dataset: str = "cifar10",
+    data_dir: str | None = None,
+    cache_dir: str | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    device: str | None = None,
+    pretrained: str | None = None,
+    freeze_backbone: bool | None = None,
+    recipe: str | None = None,
+    config_file: str | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    nproc_per_node: int = 1,
+    nnodes: int = 1,
+    node_rank: int | None = None,
+    rdzv_endpoint: str | None = None,
+    max_restarts: int = 0,
+    output_dir: str | None = None,
+    register_as: str | None = None,
+    to_registry: bool = True,
+    experiment: str | None = None,
+    tracking_uri: str | None = None,
+    train_retries: int = 1,
+) -> dict[str, Any]:
+    """Prepare, train (torchrun), evaluate and register one model, all in ONE MLflow run whose
+    id the training job logs into. Returns the `cnnpipe train --json` object."""
+    started_at = time.time()
+    timings: dict[str, float] = {}
+    logger = get_run_logger()
+    with _stage(timings, "validate"):
+        shortcuts = {k: v for k, v in locals().items() if k in _SHORTCUTS}
+        cfg, launch = plan_training(
+            model=model,
+            dataset=dataset,
+            data_dir=data_dir,
+            cache_dir=cache_dir,
+            recipe=recipe,
+            config_file=config_file,
+            overrides=_merge_overrides(overrides, **shortcuts),
+            nproc_per_node=nproc_per_node,
+            nnodes=nnodes,
+            node_rank=node_rank,
+            rdzv_endpoint=rdzv_endpoint,
+            max_restarts=max_restarts,
+        )
+    with _stage(timings, "tracking_check"):
+        uri = mlflow_utils.check_tracking(tracking_uri)  # before any work: fail fast
+    with _stage(timings, "prepare"):
+        info, cached = prepare_for(cfg)
+    logger.info("dataset %s: %s (%s)", dataset, info.path, "cache hit" if cached else "prepared")
+    with _stage(timings, "mlflow_run"):
+        run_id = mlflow_utils.start_run(
+            f"{cfg.model}-{info.dataset}",
+            experiment=experiment,
+            uri=uri,
+            tags={
+                "model": cfg.model,
+                "dataset": info.dataset,
+                "dataset.source_hash": info.source_hash,
+                "dataset.cache": str(info.path),
+                "prefect.flow_run_id": _flow_run_id(),
+                "config_hash": cfg.config_hash(),
+            },
+        )
+    try:
+        out = output_dir or str(Path("runs") / f"{cfg.model}-{info.dataset}-{run_id[:8]}")
+        cfg = cfg.replace(
+            output_dir=str(Path(out).resolve()), mlflow_run_id=run_id, mlflow_tracking_uri=uri
+        )
+        with _stage(timings, "train"):
+            train_out = train_model.with_options(retries=train_retries)(cfg, launch)
+        timings["train_job"] = round(train_out["job_seconds"], 3)
+        if not train_out["result"]:  # a non-main node of a multi-node job
+            mlflow_utils.end_run(run_id, uri=uri)
+            return {"run_id": run_id, "output_dir": out, "node_rank": node_rank}
+        name = mlflow_utils.registered_name(cfg.model, info.dataset, register_as)
+        metrics, reg = _evaluate_and_register(
+            train_out, info, run_id, name if to_registry else None, timings
+        )
+        mlflow_utils.end_run(run_id, uri=uri)
+    except BaseException as exc:
+        mlflow_utils.end_run(run_id, _run_status(exc), uri=uri)
+        raise
+    result = train_out["result"]
+    return {
+        "run_id": run_id,
+        "model_name": reg["name"] if reg else None,
+        "model_version": reg["version"] if reg else None,
+        "champion": bool(reg and reg["champion"]),
+        "metrics": {
+            "test_accuracy": metrics["test_accuracy"],
+            "val_accuracy": metrics["val_accuracy"],
+            "per_class_accuracy": metrics["per_class_accuracy"],
+            "test_top5": metrics["test_top5"],
+            "split": metrics["split"],
+        },
+        "timings": timings,
+        "images_per_s": result["images_per_s"],
+        "champion_reason": reg["reason"] if reg else None,
+        "model_uri": reg["model_uri"] if reg else None,
+        "output_dir": cfg.output_dir,
+        "tracking_uri": uri,
+        "epochs_completed": result["epochs_completed"],
+        "resumed_from": result.get("resumed_from"),
+        "started_at": started_at,
+    }
+
+
+# -------------------------------------------------------------------- comparison
+
+
+COMPARISON_COLUMNS = (
+    "model",
+    "params",
+    "best_val_accuracy",
+    "test_accuracy",
+    "test_top5",
+    "train_seconds",
+    "images_per_s",
+    "epochs",
+    "status",
+    "run_id",
+)
+
+
+def _markdown_table(rows: list[dict[str, Any]], dataset: str) -> str:
+    def pct(v: Any) -> str:
+        return "-" if v is None else f"{v:.2%}"
+
+    lines = [
+        f"### Architectures on {dataset} (best test accuracy first)",
+        "",
+        "| model | params | best val acc | test acc | top-5 | train s | images/s | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        params = "-" if not r.get("params") else f"{r['params'] / 1e6:.2f} M"
+        secs = "-" if r.get("train_seconds") is None else f"{r['train_seconds']:.1f}"
+        ips = "-" if r.get("images_per_s") is None else f"{r['images_per_s']:.0f}"
+        lines.append(
+            f"| {r['model']} | {params} | {pct(r.get('best_val_accuracy'))} | "
+            f"{pct(r.get('test_accuracy'))} | {pct(r.get('test_top5'))} | {secs} | {ips} | "
+            f"{r['status']} |"
+        )
+    return "\n".join(lines)
+
+
+def _models_list(models: list[str] | str) -> list[str]:
+    names = [m.strip() for m in (models.split(",") if isinstance(models, str) else models)]
+    names = [m for m in names if m]
+    if not names:
+        raise ValueError("models is empty; give e.g. lenet5,resnet18_cifar")
+    if len(set(names)) != len(names):
+        raise ValueError(f"models lists a name twice: {names}")
+    return names
+
+
+def plan_comparison(
+    models: list[str] | str, dataset: str, **kwargs: Any
+) -> list[tuple[Any, LaunchSpec]]:
+    """Validate every model's config up front, so a typo in the 3rd model fails before the
+    1st trains."""
+    return [plan_training(model=m, dataset=dataset, **kwargs) for m in _models_list(models)]
+
+
+@flow(name="compare-architectures", task_runner=ThreadPoolTaskRunner(max_workers=16))
+def compare_architectures(
+    models: list[str] | str = ("lenet5", "resnet18_cifar", "densenet_cifar"),  # type: ignore[assignment]
+    dataset: str = "cifar10",
+    data_dir: str | None = None,
+    cache_dir: str | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    device: str | None = None,
+    recipe: str | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    nproc_per_node: int = 1,
+    max_concurrent: int | None = None,
+    to_registry: bool = False,
+    experiment: str | None = None,
+    tracking_uri: str | None = None,
+    output_dir: str | None = None,
+    train_retries: int = 1,
+) -> dict[str, Any]:
+    """Train several architectures on one dataset: one parent MLflow run, a child run per
+    model, at most `max_concurrent` jobs at once (default: one per GPU, or 1 on CPU), and a
+    comparison table (MLflow table + figure, Prefect artifacts, returned as JSON)."""
+    t0 = time.perf_counter()
+    logger = get_run_logger()
+    shortcuts = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device}
+    names = _models_list(models)
+    plans = plan_comparison(
+        names,
+        dataset,
+        data_dir=data_dir,
+        cache_dir=cache_dir,
+        recipe=recipe,
+        overrides=_merge_overrides(overrides, **shortcuts),
+        nproc_per_node=nproc_per_node,
+    )
+    uri = mlflow_utils.check_tracking(tracking_uri)
+    info, _ = prepare_for(plans[0][0])
+    slots = JobSlots.for_host(max_concurrent, gpus_per_job=nproc_per_node)
+    parent = mlflow_utils.start_run(
+        f"compare-{info.dataset}",
+        experiment=experiment,
+        uri=uri,
+        tags={
+            "dataset": info.dataset,
+            "models": ",".join(names),
+            "prefect.flow_run_id": _flow_run_id(),
+        },
+    )
+    logger.info("comparing %s on %s, %d job(s) at a time", names, info.dataset, slots.max_jobs)
+    base = Path(output_dir or Path("runs") / f"compare-{info.dataset}-{parent[:8]}").resolve()
+    rows: dict[str, dict[str, Any]] = {}
+    try:
+        futures, children = {}, {}
+        for cfg, launch in plans:
+            child = mlflow_utils.start_run(
+                f"{cfg.model}-{info.dataset}",
+                experiment=experiment,
+                uri=uri,
+                parent_run_id=parent,
+                tags={
+                    "model": cfg.model,
+                    "dataset": info.dataset,
+                    "config_hash": cfg.config_hash(),
+                },
+            )
+            cfg = cfg.replace(
+                output_dir=str(base / cfg.model), mlflow_run_id=child, mlflow_tracking_uri=uri
+            )
+            fut = train_model.with_options(retries=train_retries).submit(cfg, launch, slots)
+            futures[fut] = cfg
+            children[cfg.model] = child
+            rows[cfg.model] = {"model": cfg.model, "run_id": child, "status": "running"}
+        for fut in as_completed(list(futures)):
+            cfg = futures[fut]
+            row, child = rows[cfg.model], children[cfg.model]
+            try:
+                train_out = fut.result()
+                timings: dict[str, float] = {}
+                name = (
+                    mlflow_utils.registered_name(cfg.model, info.dataset) if to_registry else None
+                )
+                metrics, reg = _evaluate_and_register(train_out, info, child, name, timings)
+                result = train_out["result"]
+                row.update(
+                    params=metrics.get("params") or result.get("params"),
+                    best_val_accuracy=result["best_val_accuracy"],
+                    test_accuracy=metrics["test_accuracy"],
+                    test_top5=metrics["test_top5"],
+                    train_seconds=result["train_seconds"],
+                    images_per_s=result["images_per_s"],
+                    epochs=result["epochs_completed"],
+                    status="ok" if not reg else f"ok, v{reg['version']}",
+                )
+                mlflow_utils.end_run(child, uri=uri)
+            except Exception as exc:  # one model failing must not hide the others' results
+                logger.error("%s failed: %s", cfg.model, exc)
+                row["status"] = f"failed: {str(exc).splitlines()[0][:120]}"
+                mlflow_utils.end_run(child, "FAILED", uri=uri)
+        table = sorted(rows.values(), key=lambda r: -(r.get("test_accuracy") or -1.0))
+        table = [{k: r.get(k) for k in COMPARISON_COLUMNS} for r in table]
+        _publish_comparison(parent, table, info.dataset, uri)
+        failed = [r["model"] for r in table if not str(r["status"]).startswith("ok")]
+        mlflow_utils.end_run(parent, "FAILED" if failed else "FINISHED", uri=uri)
+    except BaseException as exc:
+        mlflow_utils.end_run(parent, _run_status(exc), uri=uri)
+        raise
+    if failed:
+        raise RuntimeError(f"models failed: {', '.join(failed)} (see the comparison table)")
+    return {
+        "parent_run_id": parent,
+        "dataset": info.dataset,
+        "rows": table,
+        "best_model": table[0]["model"] if table else None,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def _publish_comparison(parent: str, table: list[dict[str, Any]], dataset: str, uri: str) -> None:
+    c = mlflow_utils.client(uri)
+    c.log_table(parent, data={k: [r[k] for r in table] for k in COMPARISON_COLUMNS},
+                artifact_file="comparison.json")  # fmt: skip
+    c.log_figure(parent, plots.comparison_figure(table), "comparison.png")
+    c.log_text(parent, _markdown_table(table, dataset), "comparison.md")
+    mlflow_utils.log_metrics(
+        parent,
+        {f"{r['model']}.test_accuracy": r["test_accuracy"] for r in table}
+        | {f"{r['model']}.images_per_s": r["images_per_s"] for r in table},
+        uri=uri,
+    )
+    create_table_artifact(table, key=artifact_key("comparison", dataset),
+                          description=f"architectures on {dataset}")  # fmt: skip
+    create_markdown_artifact(
+        _markdown_table(table, dataset), key=artifact_key("comparison-md", dataset)
+    )

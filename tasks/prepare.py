@@ -1,0 +1,86 @@
+"""Prefect task: download and prepare a dataset into the uint8 tensor cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import INPUTS, CacheKeyFnPolicy
+
+from cnn.data import PreparedInfo
+from cnn.data import prepare_dataset as _prepare_dataset
+from tasks.common import retry_on_io_error
+
+
+def _source_fingerprint(context: Any, parameters: dict[str, Any]) -> str:
+    """Part of the cache key for image folders: the mtimes of the split and class folders.
+    Adding, removing or renaming images changes their folder's mtime, so Prefect's cache misses
+    and prepare's own content hash decides. (Downloaded datasets are fixed by their checksums.)"""
+    if str(parameters.get("dataset", "")).lower() != "imagefolder":
+        return "fixed-source"
+    from cnn.data.sources import find_folder_root
+
+    try:
+        root = find_folder_root(parameters.get("data_dir") or "data")
+    except FileNotFoundError:
+        return "missing"
+    dirs = [root / s for s in ("train", "val", "test") if (root / s).is_dir()]
+    dirs += [c for s in list(dirs) for c in sorted(s.iterdir()) if c.is_dir()]
+    return ";".join(f"{d.relative_to(root)}:{d.stat().st_mtime_ns}" for d in dirs)
+
+
+@task(
+    name="prepare-dataset",
+    cache_policy=INPUTS + CacheKeyFnPolicy(cache_key_fn=_source_fingerprint),
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_on_io_error,
+)
+def prepare_dataset(
+    dataset: str,
+    data_dir: str,
+    cache_dir: str | None = None,
+    resolution: int | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    skip_bad_images: bool = False,
+    download: bool = True,
+    mirror: str | None = None,
+) -> PreparedInfo:
+    """Decode once into <cache_dir>/<dataset>-<key>/; cached by its inputs, retried on I/O."""
+    return _prepare_dataset(
+        dataset,
+        data_dir=data_dir,
+        cache_dir=cache_dir,
+        resolution=resolution,
+        val_fraction=val_fraction,
+        seed=seed,
+        skip_bad_images=skip_bad_images,
+        download=download,
+        mirror=mirror,
+    )
+
+
+def prepare_for(cfg: Any) -> tuple[PreparedInfo, bool]:
+    """Run the task with a TrainConfig's data fields (the same ones the training job uses, so
+    the job gets a cache hit) -> (info, prefect_cache_hit). A Prefect-cached result whose tensor
+    cache was deleted meanwhile is recomputed."""
+    kwargs = {
+        "dataset": cfg.dataset,
+        "data_dir": cfg.data_dir,
+        "cache_dir": cfg.cache_dir,
+        "resolution": cfg.resolution,
+        "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed,
+        "skip_bad_images": cfg.skip_bad_images,
+        "download": cfg.download,
+        "mirror": cfg.mirror,
+    }
+    state = prepare_dataset(**kwargs, return_state=True)
+    info = state.result()
+    cached = state.name == "Cached"
+    if not (Path(info.path) / "meta.json").exists():
+        info = prepare_dataset.with_options(refresh_cache=True)(**kwargs)
+        cached = False
+    return info, cached

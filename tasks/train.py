@@ -1,0 +1,64 @@
+"""Prefect task: run the training engine under torchrun as a child process tree."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+from prefect.runtime import task_run
+
+import cnn
+from cnn.config import TrainConfig
+from tasks.launch import JobSlots, LaunchSpec, build_torchrun_command, run_job
+
+_PROJECT_ROOT = str(Path(cnn.__file__).resolve().parents[1])
+
+
+@task(name="train-model", cache_policy=NONE, retries=1, retry_delay_seconds=2)
+def train_model(
+    cfg: TrainConfig, launch: LaunchSpec, slots: JobSlots | None = None
+) -> dict[str, Any]:
+    """Write run.yaml, launch `torchrun ... -m cnn.train --config run.yaml`, stream its output
+    into the flow's log and return result.json plus the job's wall time.
+
+    A Prefect retry reruns this with the same output dir and MLflow run id, so the engine
+    resumes from checkpoints/last.pt and keeps logging into the same run."""
+    logger = get_run_logger()
+    out = Path(cfg.output_dir)
+    config_path = cfg.to_yaml(out / "run.yaml")
+    (out / "result.json").unlink(missing_ok=True)  # never report a stale result
+    cmd = build_torchrun_command(config_path, launch)
+    wants_gpu = cfg.resolved_device() == "cuda" and launch.standalone
+    slot = slots.acquire(launch.nproc_per_node if wants_gpu else 0) if slots else nullcontext([])
+    with slot as gpus:
+        # The job imports `cnn` from this checkout even when the package is not installed.
+        env = {
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [_PROJECT_ROOT, os.environ.get("PYTHONPATH")])
+            )
+        }
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+        if task_run.run_count > 1:
+            # Fault injection (CNNPIPE_TEST_*, see cnn/train.py) hits the first attempt only,
+            # as the engine's hook does across torchrun restarts, so a retry can succeed.
+            env.update({k: "" for k in os.environ if k.startswith("CNNPIPE_TEST_")})
+            logger.info("attempt %d: resuming from %s", task_run.run_count, out / "checkpoints")
+        logger.info("launching %s%s", shlex.join(cmd), f" on GPUs {','.join(gpus)}" if gpus else "")
+        t0 = time.perf_counter()
+        run_job(cmd, on_line=logger.info, env=env)
+        job_seconds = time.perf_counter() - t0
+    result_path = out / "result.json"
+    if not result_path.exists() and not launch.standalone:
+        # Multi-node: only the node hosting global rank 0 writes the result.
+        logger.info("no result.json on this node (global rank 0 runs elsewhere)")
+        return {"output_dir": str(out), "result": {}, "job_seconds": job_seconds, "command": cmd}
+    result = json.loads(result_path.read_text())
+    return {"output_dir": str(out), "result": result, "job_seconds": job_seconds, "command": cmd}

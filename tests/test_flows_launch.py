@@ -1,0 +1,192 @@
+"""The torchrun launcher and process-tree ownership (tasks/launch.py), the I/O retry condition
+and the concurrency slots. Real processes, no Prefect needed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.common import is_io_error
+from tasks.launch import (
+    JobSlots,
+    LaunchSpec,
+    TrainingJobError,
+    build_torchrun_command,
+    process_tree,
+    run_job,
+)
+
+
+def test_standalone_command_lets_the_os_pick_the_rendezvous_port() -> None:
+    cmd = build_torchrun_command("run.yaml", LaunchSpec(nproc_per_node=2, max_restarts=3))
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--standalone" in cmd and "--rdzv-endpoint" not in cmd
+    assert cmd[cmd.index("--nproc-per-node") + 1] == "2"
+    assert cmd[cmd.index("--max-restarts") + 1] == "3"
+    assert cmd[-4:] == ["-m", "cnn.train", "--config", "run.yaml"]
+
+
+def test_multinode_command_uses_c10d_rendezvous() -> None:
+    spec = LaunchSpec(nproc_per_node=4, nnodes=2, node_rank=1, rdzv_endpoint="node0:29400")
+    spec.validate()
+    cmd = build_torchrun_command("r.yaml", spec)
+    assert "--standalone" not in cmd
+    for flag, value in (("--nnodes", "2"), ("--rdzv-backend", "c10d"),
+                        ("--rdzv-endpoint", "node0:29400"), ("--node-rank", "1")):  # fmt: skip
+        assert cmd[cmd.index(flag) + 1] == value
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        (LaunchSpec(nproc_per_node=0), "nproc_per_node=0"),
+        (LaunchSpec(nnodes=2), "needs --rdzv-endpoint"),
+        (LaunchSpec(nnodes=2, rdzv_endpoint="node0"), "'node0' is not HOST:PORT"),
+        (LaunchSpec(nnodes=2, rdzv_endpoint="h:99999"), "not HOST:PORT"),
+        (LaunchSpec(nnodes=2, rdzv_endpoint="h:1", node_rank=2), "node_rank=2"),
+        (LaunchSpec(max_restarts=-1), "max_restarts=-1"),
+    ],
+)
+def test_bad_launch_values_are_named(spec: LaunchSpec, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        spec.validate()
+
+
+# A stand-in for torchrun: it starts a "worker" in its own session (as torchrun does), and the
+# worker starts a grandchild; all of them then sleep.
+_TREE = textwrap.dedent(
+    """
+    import subprocess, sys, time
+    worker = ("import subprocess, sys, time; "
+              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              "print('worker up', flush=True); time.sleep(60)")
+    subprocess.Popen([sys.executable, "-c", worker], start_new_session=True)
+    print("launcher up", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
+def test_an_exception_kills_the_whole_tree_including_new_sessions() -> None:
+    seen: list[str] = []
+    pids: list[int] = []
+
+    def on_line(line: str) -> None:
+        seen.append(line)
+        if line == "worker up":
+            time.sleep(0.3)  # let the grandchild start
+            pids.extend(process_tree(os.getpid())[1:])
+            raise KeyboardInterrupt  # what a cancelled flow raises in this thread
+
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_job([sys.executable, "-c", _TREE], on_line=on_line, grace=5)
+    assert "launcher up" in seen
+    assert len(pids) >= 3, pids  # launcher, worker (own session), grandchild
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in pids if _alive(p)], "orphaned processes left behind"
+    assert time.monotonic() - t0 < 15
+
+
+def test_a_failing_job_reports_its_exit_code_and_last_lines() -> None:
+    lines: list[str] = []
+    code = "print('loading'); import sys; print('boom: bad thing', file=sys.stderr); sys.exit(3)"
+    with pytest.raises(TrainingJobError, match="exit code 3") as info:
+        run_job([sys.executable, "-c", code], on_line=lines.append)
+    assert info.value.returncode == 3
+    assert "boom: bad thing" in str(info.value)
+    assert lines == ["loading", "boom: bad thing"]  # stdout and stderr, streamed in order
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux")
+def test_job_gets_sigterm_when_the_launcher_is_killed(tmp_path: Path) -> None:
+    """Last line of defence: SIGKILL of the flow process still stops the job (parent-death
+    signal), so a crashed flow leaves no torchrun behind."""
+    pidfile = tmp_path / "job.pid"
+    launcher = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        from tasks.launch import run_job
+        job = "import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+        run_job([sys.executable, "-c", job], on_line=print)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", launcher])
+    try:
+        deadline = time.monotonic() + 30
+        while not pidfile.exists() or not pidfile.read_text():
+            assert time.monotonic() < deadline, "job never started"
+            time.sleep(0.05)
+        job = int(pidfile.read_text())
+        assert _alive(job)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while _alive(job) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(job)
+    finally:
+        proc.kill()
+
+
+def test_io_errors_retry_but_bad_input_does_not() -> None:
+    import urllib.error
+
+    assert is_io_error(urllib.error.URLError("connection refused"))
+    assert is_io_error(ConnectionResetError())
+    assert is_io_error(TimeoutError())
+    assert not is_io_error(FileNotFoundError("no such dir"))
+    assert not is_io_error(PermissionError())
+    assert not is_io_error(ValueError("bad checksum"))
+    assert not is_io_error(None)
+
+
+def test_job_slots_cap_concurrency_and_never_share_a_gpu() -> None:
+    slots = JobSlots(2, gpus=["0", "1", "2"])
+    in_use: list[str] = []
+    peak, clashes = [0], []
+    lock = threading.Lock()
+
+    def job() -> None:
+        with slots.acquire(1) as gpus:
+            with lock:
+                clashes.extend(g for g in gpus if g in in_use)
+                in_use.extend(gpus)
+                peak[0] = max(peak[0], len(in_use))
+            time.sleep(0.05)
+            with lock:
+                for g in gpus:
+                    in_use.remove(g)
+
+    threads = [threading.Thread(target=job) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] == 2 and clashes == []
+    with pytest.raises(ValueError, match="needs 4 GPUs"), slots.acquire(4):
+        pass
+    cpu = JobSlots(1)
+    with cpu.acquire(2) as gpus:  # a CPU host: only the slot count applies
+        assert gpus == []
+    with pytest.raises(ValueError, match="max_concurrent=0"):
+        JobSlots(0)

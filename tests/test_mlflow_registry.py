@@ -1,0 +1,143 @@
+"""MLflow side (tasks/mlflow_utils.py) on a real SQLite store: fail-fast connectivity, the
+self-contained model logging, champion alias logic and idempotent registration."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flows_helpers import copy_store, mlflow_template
+
+from cnn.export import ImageClassifier
+from cnn.models import get_model
+from tasks import mlflow_utils
+
+
+@pytest.fixture()
+def store(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    uri = copy_store(mlflow_template(tmp_path_factory.getbasetemp()), tmp_path)
+    return mlflow_utils.check_tracking(uri)
+
+
+def _classifier() -> ImageClassifier:
+    torch.manual_seed(0)
+    return ImageClassifier(get_model("lenet5", num_classes=3), classes=["a", "b", "c"],
+                           input_size=32, mean=[0.5] * 3, std=[0.25] * 3)  # fmt: skip
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_fails_fast_with_the_fix() -> None:
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(mlflow_utils.TrackingUnavailableError, match=f"{uri} is unreachable"):
+        mlflow_utils.check_tracking(uri)
+    assert time.monotonic() - t0 < 6
+
+
+def test_read_only_commands_do_not_create_a_store(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(mlflow_utils.TrackingUnavailableError, match="no MLflow store"):
+        mlflow_utils.check_tracking(uri, create=False)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_default_uri_is_sqlite_in_the_working_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert mlflow_utils.resolve_tracking_uri() == f"sqlite:///{tmp_path.as_posix()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example:5000")
+    assert mlflow_utils.resolve_tracking_uri() == "http://example:5000"
+
+
+def test_champion_moves_only_on_better_accuracy_and_retries_add_nothing(store: str) -> None:
+    import mlflow
+
+    c = mlflow.MlflowClient(store)
+    model = _classifier()
+    example = np.random.default_rng(0).integers(0, 256, (2, 3, 40, 40), dtype=np.uint8)
+    runs = [mlflow_utils.start_run(f"r{i}", uri=store) for i in range(3)]
+
+    def register(run: str, acc: float) -> mlflow_utils.Registration:
+        uri = mlflow_utils.log_model(run, model, example)
+        return mlflow_utils.register_version(uri, name="lenet5-tiny", run_id=run,
+                                             test_accuracy=acc)  # fmt: skip
+
+    first = register(runs[0], 0.50)
+    assert (first.version, first.champion, first.reused) == ("1", True, False)
+    assert "first champion" in first.reason
+    worse = register(runs[1], 0.40)
+    assert (worse.version, worse.champion) == ("2", False)
+    assert "does not beat champion v1 (0.5000)" in worse.reason
+    assert c.get_model_version_by_alias("lenet5-tiny", "champion").version == "1"
+    better = register(runs[2], 0.60)
+    assert better.champion and "beats champion v1" in better.reason
+    assert c.get_model_version_by_alias("lenet5-tiny", "champion").version == "3"
+    tags = c.get_model_version("lenet5-tiny", "2").tags
+    assert tags["test_accuracy"] == "0.400000" and "alias unchanged" in tags["champion_decision"]
+
+    # A retried register task (same run): no new logged model, no new version.
+    again = register(runs[1], 0.40)
+    assert (again.version, again.reused, again.champion) == ("2", True, False)
+    assert len(c.search_model_versions("name = 'lenet5-tiny'")) == 3
+    exp = c.get_run(runs[1]).info.experiment_id
+    logged = c.search_logged_models(
+        experiment_ids=[exp], filter_string=f"source_run_id = '{runs[1]}'"
+    )
+    assert len(logged) == 1
+
+
+def test_logged_model_is_self_contained(store: str) -> None:
+    """The registered model takes raw uint8 images of any size and knows its classes; its
+    signature says so; MLflow's generic pyfunc interface serves it too."""
+    import mlflow
+
+    model = _classifier()
+    run = mlflow_utils.start_run("export", uri=store)
+    example = np.zeros((2, 3, 32, 32), dtype=np.uint8)
+    uri = mlflow_utils.log_model(run, model, example)
+    mlflow_utils.register_version(uri, name="tiny", run_id=run, test_accuracy=0.1)
+    loaded = mlflow_utils.load_model("models:/tiny@champion", store)
+    assert loaded.classes == ["a", "b", "c"] and loaded.input_size == 32
+    big = torch.randint(0, 256, (1, 3, 57, 43), dtype=torch.uint8)
+    torch.testing.assert_close(loaded(big), model(big))
+    info = mlflow.models.get_model_info("models:/tiny@champion")
+    spec = info.signature.inputs.inputs[0]
+    assert spec.type == np.dtype(np.uint8) and spec.shape == (-1, 3, -1, -1)
+    pyfunc = mlflow.pyfunc.load_model("models:/tiny@champion")
+    probs = pyfunc.predict(big.numpy())
+    assert probs.shape == (1, 3) and abs(float(probs.sum()) - 1.0) < 1e-5
+
+
+def test_unknown_model_uri_is_a_clear_error(store: str) -> None:
+    with pytest.raises(ValueError, match="'models:/nope@champion' was not found"):
+        mlflow_utils.load_model("models:/nope@champion", store)
+
+
+def test_first_contact_with_a_new_store_is_race_free(tmp_path: Path) -> None:
+    """Two processes creating the same new SQLite store at once: without the lock one of them
+    fails in MLflow's schema migration ("duplicate column" / "table exists")."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = "import sys; from tasks.mlflow_utils import check_tracking; check_tracking(sys.argv[1])"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, uri],
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
