@@ -57,11 +57,33 @@ def init_distributed(
     torch.set_num_threads(num_threads or max(1, cores // max(1, local_world)))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(
-            backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs
-        )
+        timeout = datetime.timedelta(seconds=timeout_s)
+        kwargs: dict = {"device_id": dev} if dev.type == "cuda" else {}
+        store = _attempt_store(world, local_world, timeout)
+        if store is not None:
+            kwargs.update(store=store, rank=rank, world_size=world)
+        dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
     return DistInfo(rank, local_rank, world, local_world, dev, rank == 0)
+
+
+def _attempt_store(world: int, local_world: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """Workaround for pytorch#135712: torchrun's c10d rendezvous shares its TCPStore with the
+    workers and never clears it, so after a `--max-restarts` restart the new workers can read
+    the previous attempt's process-group keys (stale peer addresses) and fail or hang. On one
+    node every worker has the same TORCHELASTIC_RESTART_COUNT, so a per-attempt key prefix
+    fixes it. Across nodes the agents' counts can differ; there, launch torchrun with
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (then each round gets a fresh store)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or local_world != world:
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=False,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"cnn/attempt_{attempt}/", store)
 
 
 def barrier(info: DistInfo | None = None) -> None:

@@ -414,10 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The console script. Called with `argv` (tests, other Python code) it leaves the
+    process's signal handlers alone."""
     args = build_parser().parse_args(argv)
     if args.command in ("train", "compare", "evaluate", "predict", "deploy"):
         _prefect_env()
-        _install_sigterm()
+        if argv is None:
+            _install_sigterm()
     from tasks.launch import TrainingJobError
     from tasks.mlflow_utils import TrackingUnavailableError
 

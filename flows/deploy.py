@@ -101,37 +101,20 @@ def check_timezone(tz: str) -> str:
     return tz
 
 
-def check_model(name: str) -> str:
-    from cnn.models import model_info
+def check_flow_inputs(
+    model: str, models: list[str], dataset: str, data_dir: str | None, epochs: int | None
+) -> None:
+    """Run the flows' own up-front planning (model and dataset names, image folder, config
+    values), so a deployment is only created with inputs its runs would accept."""
+    from flows.pipeline import plan_comparison
+    from tasks.plan import plan_training
 
-    model_info(name)  # raises ValueError naming the bad model and the closest names
-    return name
-
-
-def check_dataset(dataset: str, data_dir: str | None) -> None:
-    """Known dataset name; an image folder needs an existing --data-dir."""
-    if dataset == "imagefolder":
-        if data_dir is None:
-            raise ValueError("--dataset imagefolder needs --data-dir DIR (train/<class>/<image>)")
-        if not Path(data_dir).is_dir():
-            raise ValueError(
-                f"--data-dir {data_dir!r} does not exist; pass the folder that holds train/ "
-                "and val/ or test/"
-            )
-        return
-    from cnn.data.sources import get_source
-
-    get_source(dataset)  # raises ValueError naming the bad dataset and the valid names
-
-
-def parse_models(models: str | list[str] | tuple[str, ...]) -> list[str]:
-    names = [m.strip() for m in models.split(",")] if isinstance(models, str) else list(models)
-    names = [m for m in names if m]
-    if not names:
-        raise ValueError(
-            "--models is empty; give a comma-separated list, e.g. lenet5,resnet18_cifar"
-        )
-    return [check_model(m) for m in names]
+    if dataset == "imagefolder" and data_dir is None:
+        # The flow would look for ./data in the worker's directory, not where deploy runs.
+        raise ValueError("--dataset imagefolder needs --data-dir DIR (train/<class>/<image>)")
+    overrides = _drop_none({"epochs": epochs})
+    plan_training(model=model, dataset=dataset, data_dir=data_dir, overrides=overrides)
+    plan_comparison(models, dataset, data_dir=data_dir, overrides=overrides)
 
 
 def plan_deployments(
@@ -153,16 +136,13 @@ def plan_deployments(
     nightly_cron = check_cron(nightly_cron, "--nightly-cron")
     weekly_cron = check_cron(weekly_cron, "--weekly-cron")
     timezone = check_timezone(timezone)
-    check_model(model)
-    compare_models = parse_models(models)
+    if isinstance(models, str):
+        models = models.split(",")
+    compare_models = [m.strip() for m in models if m.strip()]
     if data_dir is not None:
         # The worker runs in the code source's directory, not where `deploy` ran: pin the path.
         data_dir = str(Path(data_dir).expanduser().resolve())
-    check_dataset(dataset, data_dir)
-    if epochs is not None and (
-        isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1
-    ):
-        raise ValueError(f"--epochs must be an int >= 1, got {epochs!r}")
+    check_flow_inputs(model, compare_models, dataset, data_dir, epochs)
 
     common = _drop_none({"dataset": dataset, "data_dir": data_dir, "epochs": epochs})
     nightly = DeploymentSpec(

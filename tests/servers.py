@@ -18,10 +18,10 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.launch import kill_tree
+from tasks.launch import kill_tree, process_tree
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
@@ -42,6 +42,7 @@ class ServerProcess:
     proc: subprocess.Popen[bytes]
     log_path: Path
     url: str
+    leftovers: list[int] = field(default_factory=list)  # pids still running after stop()
 
     def log_tail(self, chars: int = 4000) -> str:
         try:
@@ -54,9 +55,20 @@ class ServerProcess:
 
         The tree includes the worker's flow runs and their torchrun jobs, which start their own
         sessions and would survive a plain killpg. Same helper the training task uses."""
+        tree = process_tree(self.proc.pid)
         kill_tree(self.proc.pid, grace=timeout)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=timeout)
+        self.leftovers = [pid for pid in tree if _running(pid)]
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie has exited; only its parent's wait is missing)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat.rpartition(b")")[2].split()[0] != b"Z"
 
 
 def start_process(

@@ -210,6 +210,19 @@ def test_stream_workers_do_not_change_batches() -> None:
         assert torch.equal(ya, yb) and torch.equal(xa, xb)
 
 
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_style_none_trains_on_the_eval_transform(mode: str) -> None:
+    prep = _prepared(16)
+    kw = dict(input_size=6, resize_size=8, style="none", batch_size=4, mode=mode, num_workers=0)
+    lo = build_loaders(prep, **kw)  # resize_size == storage size: a pure center crop
+    lo.train.set_epoch(0)
+    (x, y), (xv, _) = next(iter(lo.train)), next(iter(lo.val))
+    images = prep.split("train")[0]
+    expect = (images[y][..., 1:7, 1:7].float() / 255 - 0.5) / 0.25
+    assert torch.allclose(x, expect, atol=1e-5)
+    assert torch.allclose(xv, (images[:4][..., 1:7, 1:7].float() / 255 - 0.5) / 0.25, atol=1e-5)
+
+
 def test_auto_mode_picks_stream_over_budget() -> None:
     prep = _prepared(20)
     small = build_loaders(prep, input_size=8, style="cifar", batch_size=4, memory_budget=10)
@@ -255,3 +268,19 @@ def test_end_to_end_imagefolder_loaders(tmp_path: Path) -> None:
     # Normalized with the train split's own statistics: roughly zero mean, unit std.
     x = torch.cat([x for x, _ in lo.val])
     assert abs(float(x.mean())) < 0.5 and 0.5 < float(x.std()) < 1.5
+
+
+def test_epoch_never_materializes_a_float_copy() -> None:
+    """Peak RSS growth over a full epoch stays far below one float32 copy of the data (4x)."""
+    import resource
+
+    n = 6_000  # 18 MB of uint8; a float copy would be 74 MB
+    prep = _prepared(n, size=32)
+    lo = build_loaders(prep, input_size=32, style="cifar", batch_size=500, mode="memory")
+    lo.train.set_epoch(0)
+    next(iter(lo.train))  # warm up allocator and kernels
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    count = sum(len(y) for _, y in lo.train) + sum(len(y) for _, y in lo.val)
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    assert count == 2 * n
+    assert grown < 0.5 * n * 3 * 32 * 32  # < half the uint8 cache, let alone 4x it

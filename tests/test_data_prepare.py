@@ -143,13 +143,16 @@ def test_corrupt_image_reported_by_path_and_skippable(tmp_path: Path) -> None:
     make_imagefolder(tmp_path / "ds", n_train=4, n_val=2)
     bad = tmp_path / "ds/train/bees/0002.jpg"
     bad.write_bytes(b"this is not a jpeg")
-    with pytest.raises(ValueError, match="unreadable") as err:
+    truncated = tmp_path / "ds/val/ants/0000.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    with pytest.raises(ValueError, match="2 unreadable") as err:
         _prep(tmp_path / "ds", tmp_path / "c")
-    assert str(bad) in str(err.value) and "skip_bad_images" in str(err.value)
+    assert str(bad) in str(err.value) and str(truncated) in str(err.value)
+    assert "skip_bad_images" in str(err.value)
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
     info = _prep(tmp_path / "ds", tmp_path / "c", skip_bad_images=True)
-    assert info.skipped_bad_images == 1 and info.splits["train"] == 7
-    assert "skipped 1" in info.summary()
+    assert info.skipped_bad_images == 2 and info.splits["train"] == 7
+    assert info.splits["val"] == 3 and "skipped 2" in info.summary()
 
 
 def test_gif_and_grayscale_images_decode_to_rgb(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from fakedata import make_imagefolder
 from servers import (
+    ServerProcess,
     free_port,
     prefect_env,
     start_mlflow_server,
@@ -155,7 +156,7 @@ def test_deployments_end_to_end(tmp_path: Path) -> None:
 
     t0 = time.monotonic()
     timings: dict[str, float] = {}
-    servers: list = []
+    servers: list[ServerProcess] = []
     with stopping(servers):
         prefect = start_prefect_server(tmp_path)
         servers.append(prefect)
@@ -244,7 +245,7 @@ def test_deployments_end_to_end(tmp_path: Path) -> None:
             t = time.monotonic()
             flow_run = run_deployment(
                 names["nightly-train"],
-                parameters={"batch_size": 8},
+                parameters={"batch_size": 8, "output_dir": str(tmp_path / "run")},
                 timeout=240,
                 poll_interval=2,
                 as_subflow=False,
@@ -264,5 +265,8 @@ def test_deployments_end_to_end(tmp_path: Path) -> None:
         # ... and it is the version this triggered flow run registered.
         assert run.data.tags["prefect.flow_run_id"] == str(flow_run.id)
         assert 0.0 <= float(run.data.metrics["test_accuracy"]) <= 1.0
+    # Teardown stopped every server and everything they started (flow runs, torchrun, workers).
+    assert {s.name: s.leftovers for s in servers if s.leftovers} == {}
+    assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()  # the run used our output dir
     timings["total"] = time.monotonic() - t0
     print(f"deploy e2e timings (s): { {k: round(v, 1) for k, v in timings.items()} }")

@@ -80,10 +80,10 @@ def test_champion_moves_only_on_better_accuracy_and_retries_add_nothing(store: s
     worse = register(runs[1], 0.40)
     assert (worse.version, worse.champion) == ("2", False)
     assert "does not beat champion v1 (0.5000)" in worse.reason
-    assert c.get_model_version_by_alias("lenet5-tiny", "champion").version == "1"
+    assert str(c.get_model_version_by_alias("lenet5-tiny", "champion").version) == "1"
     better = register(runs[2], 0.60)
     assert better.champion and "beats champion v1" in better.reason
-    assert c.get_model_version_by_alias("lenet5-tiny", "champion").version == "3"
+    assert str(c.get_model_version_by_alias("lenet5-tiny", "champion").version) == "3"
     tags = c.get_model_version("lenet5-tiny", "2").tags
     assert tags["test_accuracy"] == "0.400000" and "alias unchanged" in tags["champion_decision"]
 

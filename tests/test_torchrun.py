@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from test_train import (  # noqa: F401  (tiny_data is a fixture)
-    REPO,
+from test_train import (
     STEPS_PER_EPOCH,
     assert_params_close,
+    finish,
     model_params,
     run,
+    start,
     subprocess_env,
     tiny_config,
-    tiny_data,
+    tiny_data_fixture,  # noqa: F401  (the `tiny_data` fixture)
     write_config,
 )
 
@@ -149,26 +149,26 @@ def test_two_torchrun_agents_form_one_job(reference: Path, tiny_data: dict, tmp_
     path = write_config(cfg)
     port = free_port()
     procs = [
-        subprocess.Popen(
+        start(
             torchrun_cmd(
-                1, path, "--nnodes", "2", "--node-rank", str(node), "--rdzv-backend", "c10d",
-                "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "engine-test",
-            ),  # fmt: skip
-            cwd=REPO,
-            env=subprocess_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+                1,
+                path,
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(node),
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv-id",
+                "engine-test",
+            )  # fmt: skip
         )
         for node in (0, 1)
     ]
-    try:
-        outs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    codes, outs = zip(*(finish(p, TIMEOUT) for p in procs), strict=True)
+    assert codes == (0, 0), "\n".join(o[-3000:] for o in outs)
     result = json.loads((Path(cfg.output_dir) / "result.json").read_text())
     assert result["world_size"] == 2
     assert sum("epoch 2/2 train_loss" in o for o in outs) == 1  # one job, one main rank

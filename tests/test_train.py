@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,8 +33,8 @@ STEPS_PER_EPOCH = len(CLASSES) * N_TRAIN // BATCH
 # ------------------------------------------------------------------ helpers (shared)
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+@pytest.fixture(scope="session", name="tiny_data")
+def tiny_data_fixture(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A learnable image folder (train/val/test) and a cache dir, made once per session."""
     root = tmp_path_factory.mktemp("tiny")
     images = make_imagefolder(
@@ -83,18 +84,33 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 240) -> tuple[int, str]:
-    """Run a real process group; return (exit code, stdout+stderr)."""
-    proc = subprocess.run(
+def start(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `cmd` in its own session, so a hung job can be killed with all its workers."""
+    return subprocess.Popen(
         cmd,
         cwd=REPO,
         env=env or subprocess_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        timeout=timeout,
+        start_new_session=True,
     )
-    return proc.returncode, proc.stdout
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
+    """Wait for a job; on timeout kill its whole process group and fail with its output."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"job timed out after {timeout}s: {proc.args}\n{out[-4000:]}")
+    return proc.returncode, out
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 240) -> tuple[int, str]:
+    """Run a real job to the end; return (exit code, stdout+stderr)."""
+    return finish(start(cmd, env), timeout)
 
 
 def model_params(out_dir: str | Path, name: str = "last.pt") -> dict[str, torch.Tensor]:
@@ -134,7 +150,9 @@ def test_run_outputs_resume_and_mismatch(
         assert field in lines[0]
     # Output directory contract (docs/internals.md).
     assert TrainConfig.from_yaml(out / "run.yaml") == cfg
-    assert (out / "checkpoints" / "last.pt").is_file() and (out / "checkpoints" / "best.pt").is_file()
+    assert (out / "checkpoints" / "last.pt").is_file() and (
+        out / "checkpoints" / "best.pt"
+    ).is_file()
     saved = json.loads((out / "result.json").read_text())
     assert saved == json.loads(json.dumps(result))
     for key in (

@@ -6,6 +6,7 @@ Semantics match the torchvision transforms used by the streaming path:
 - ``cifar``: ``RandomCrop(size, padding=4)`` (zero fill) + ``RandomHorizontalFlip``;
 - ``finetune``: ``RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3))`` + flip;
 - eval: ``Resize(resize_size)`` + ``CenterCrop(size)``;
+- ``none``: the eval transform, also in training;
 then ``Normalize(mean, std)`` on the 0..1 scale.
 All randomness is drawn on the CPU from the given generator, so results do not depend on the
 device and a batch's augmentation is reproducible from its seed.
@@ -20,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-STYLES = ("cifar", "finetune")
+# "none": the eval transform for training too (no random crop/flip), e.g. to compare runs
+# bit-for-bit across world sizes.
+STYLES = ("cifar", "finetune", "none")
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -163,6 +166,7 @@ class BatchAugment:
         self.style, self.train = style, train
         self.input_size, self.resize_size = input_size, resize_size
         self.padding, self.scale = padding, scale
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         if (s <= 0).any():
@@ -182,7 +186,7 @@ class BatchAugment:
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         size = self.input_size
-        if not self.train:
+        if not self.train or self.style == "none":
             x = center_crop(resize(x, self.resize_size), size)
             return self._normalize(x.contiguous())
         if generator is None:

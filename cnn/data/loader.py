@@ -129,10 +129,8 @@ class MemoryLoader(_LoaderBase):
 def _v2_transform(aug: BatchAugment) -> v2.Transform:
     """The torchvision.transforms.v2 pipeline with the same semantics as ``aug``."""
     size = aug.input_size
-    mean = (aug._sub_cpu * aug._mul_cpu.reciprocal() / 255.0).flatten().tolist()
-    std = (1.0 / (255.0 * aug._mul_cpu)).flatten().tolist()
-    tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    if not aug.train:
+    tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(aug.mean, aug.std)]
+    if not aug.train or aug.style == "none":
         head = [v2.Resize(aug.resize_size, antialias=True), v2.CenterCrop(size)]
     elif aug.style == "cifar":
         head = [
@@ -272,8 +270,10 @@ def build_loaders(
     """Train/val/test loaders over a prepared cache for one rank.
 
     ``batch_size`` and ``eval_batch_size`` are global; each rank gets ``// world_size``.
-    ``resize_size`` (eval: shorter side before the center crop) defaults to ``input_size`` for
-    the ``cifar`` style and ``round(input_size / 0.875)`` (224 -> 256) for ``finetune``.
+    ``style`` is ``cifar``, ``finetune`` or ``none`` (no training augmentation: the eval
+    transform). ``resize_size`` (eval: shorter side before the center crop) defaults to
+    ``input_size`` for ``cifar`` and ``none``, ``round(input_size / 0.875)`` (224 -> 256) for
+    ``finetune``.
     ``mode="auto"`` picks memory when the uint8 splits fit ``memory_budget`` bytes (default:
     half the free GPU memory or RAM; env ``CNNPIPE_MEMORY_BUDGET_MB``), else stream.
     """
@@ -296,7 +296,7 @@ def build_loaders(
                 "the global batch, split evenly across ranks"
             )
     if resize_size is None:
-        resize_size = input_size if style == "cifar" else round(input_size / 0.875)
+        resize_size = input_size if style != "finetune" else round(input_size / 0.875)
     if isinstance(prepared, PreparedInfo):
         prepared = prepared.path
     if not isinstance(prepared, Prepared):

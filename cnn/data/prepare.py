@@ -176,8 +176,12 @@ def _decode_one(path: str, size: int) -> torch.Tensor:
     return _fit(x, size)
 
 
-def _decode_chunk(args: tuple[list[str], int]) -> tuple[torch.Tensor, list[tuple[int, str]]]:
-    """Worker: decode paths into (n, 3, size, size); report (index, error) of bad files."""
+def _decode_chunk(args: tuple[list[str], int]) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Worker: decode paths into (n, 3, size, size); report (index, error) of bad files.
+
+    Returns NumPy (plain pickled bytes back to the parent) rather than a tensor, which
+    multiprocessing would pass through a shared-memory file descriptor per chunk.
+    """
     paths, size = args
     out = torch.zeros((len(paths), 3, size, size), dtype=torch.uint8)
     bad = []
@@ -186,7 +190,7 @@ def _decode_chunk(args: tuple[list[str], int]) -> tuple[torch.Tensor, list[tuple
             out[i] = _decode_one(p, size)
         except Exception as exc:  # any decode failure is reported by path, never swallowed
             bad.append((i, f"{type(exc).__name__}: {exc}"))
-    return out, bad
+    return out.numpy(), bad
 
 
 def _worker_init() -> None:
@@ -218,9 +222,9 @@ def decode_images(
     done = 0
     last_print = t0
 
-    def collect(start: int, arr: torch.Tensor, errs: list[tuple[int, str]]) -> None:
+    def collect(start: int, arr: np.ndarray, errs: list[tuple[int, str]]) -> None:
         nonlocal done, last_print
-        out[start : start + len(arr)] = arr
+        out[start : start + len(arr)] = torch.from_numpy(arr)
         bad.extend((paths[start + i], msg) for i, msg in errs)
         done += len(arr)
         now = time.perf_counter()
@@ -356,6 +360,16 @@ def _write_cache(final: Path, splits: dict[str, RawSplit], meta: dict) -> None:
         raise
 
 
+def _read_info(path: Path, meta: dict | None = None) -> PreparedInfo:
+    meta = meta if meta is not None else json.loads((path / "meta.json").read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} was written by cache format {meta.get('format')}, this code reads "
+            f"{FORMAT_VERSION}; delete it and prepare again"
+        )
+    return PreparedInfo.from_dict({**meta["info"], "path": str(path), "cache_hit": True})
+
+
 def load_prepared(path: str | Path) -> Prepared:
     """Open a cache directory (or its meta.json): tensors are memory-mapped, not copied."""
     path = Path(path)
@@ -367,7 +381,7 @@ def load_prepared(path: str | Path) -> Prepared:
             f"{path} is not a prepared dataset (no meta.json); run `cnnpipe prepare` first"
         )
     meta = json.loads(meta_path.read_text())
-    info = PreparedInfo.from_dict({**meta["info"], "path": str(path), "cache_hit": True})
+    info = _read_info(path, meta)
     splits = {}
     for name in meta["stored_splits"]:
         d = torch.load(path / f"{name}.pt", mmap=True, weights_only=True)
@@ -432,6 +446,12 @@ def prepare_dataset(
         }
     else:
         scan = None
+        if resolution is not None:
+            print(
+                f"note: resolution applies to image folders; {name} is stored at its native "
+                "size and resized on the device",
+                flush=True,
+            )
         source_hash = hashlib.sha256(
             ",".join(f"{f.filename}:{f.md5}" for f in spec.files).encode()
         ).hexdigest()
@@ -441,9 +461,8 @@ def prepare_dataset(
     final = cache_dir / f"{name}-{key}"
 
     if (final / "meta.json").exists():
-        prepared = load_prepared(final)
-        info = prepared.info
-        info.cache_hit, info.decoded_images = True, 0
+        info = _read_info(final)  # meta.json only: a hit touches no image or tensor data
+        info.decoded_images = 0
         info.seconds = round(time.perf_counter() - t0, 3)
         print(f"cache hit: {final}", flush=True)
         return info

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import logging
 import os
 import shutil
@@ -131,19 +132,23 @@ def resolve_urls(file: RemoteFile, mirror: str | None = None) -> tuple[str, ...]
 
 
 def _fetch(url: str, dest: Path, timeout: float) -> None:
-    """Stream ``url`` to ``dest`` (a temp name first); a short body raises ``IncompleteRead``."""
+    """Stream ``url`` to ``dest`` via a ``.part`` file; a short body raises, leaving nothing."""
     tmp = dest.with_name(dest.name + ".part")
     req = urllib.request.Request(url, headers={"User-Agent": "cnnpipe"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp, open(tmp, "wb") as out:
-        expected = resp.headers.get("Content-Length")
-        shutil.copyfileobj(resp, out, 1 << 20)
-        out.flush()
-        os.fsync(out.fileno())
-        got = out.tell()
-    if expected is not None and got != int(expected):
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp, open(tmp, "wb") as out:
+            expected = resp.headers.get("Content-Length")
+            shutil.copyfileobj(resp, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+            got = out.tell()
+        if expected is not None and got != int(expected):
+            raise urllib.error.ContentTooShortError(
+                f"got {got} of {expected} bytes from {url}", None
+            )
+        os.replace(tmp, dest)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise urllib.error.ContentTooShortError(f"got {got} of {expected} bytes from {url}", None)
-    os.replace(tmp, dest)
 
 
 def download_file(
@@ -196,7 +201,7 @@ def _fetch_with_retries(
                 print(f"downloading {url} -> {dest}", flush=True)
                 _fetch(url, dest, timeout)
                 return
-            except (urllib.error.URLError, OSError, ConnectionError) as exc:
+            except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
                 # HTTPError is a URLError: a 404 will not heal, so move on to the next URL.
                 errors.append(f"{url}: {exc}")
                 if isinstance(exc, urllib.error.HTTPError) and exc.code == 404:

@@ -368,7 +368,7 @@ def get_model(
 def _weights_name(e: _Entry, pretrained: str | os.PathLike[str]) -> str | None:
     """The weights name ``pretrained`` stands for, or None when it is a file path."""
     text = os.fspath(pretrained)
-    if text in e.weights or text == "DEFAULT" and e.weights:
+    if text in e.weights or (text == "DEFAULT" and e.weights):
         return text
     looks_like_path = (
         isinstance(pretrained, os.PathLike)

@@ -1,0 +1,260 @@
+"""The pipeline end to end, as users run it: real `cnnpipe` processes on the embedded defaults
+(Prefect's ephemeral API, `sqlite:///mlflow.db` in the working dir), real torchrun with gloo on
+CPU, real MLflow. Tiny learnable images (32x32, 3 classes, lenet5) keep each job short."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flows_helpers import (
+    CLASSES,
+    cli_env,
+    cnnpipe,
+    copy_store,
+    mlflow_counts,
+    mlflow_template,
+    parse_json_stdout,
+    run_cli,
+    tiny_dataset,
+)
+
+pytestmark = pytest.mark.slow
+
+TRAIN = ["train", "--model", "lenet5", "--dataset", "imagefolder", "--data-dir", "data",
+         "--batch-size", "16", "--device", "cpu", "--register-as", "lenet5-tiny"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("prefect_home")
+
+
+def _workdir(base: Path, template_base: Path) -> tuple[Path, str]:
+    tiny_dataset(base / "data")
+    return base, copy_store(mlflow_template(template_base), base)
+
+
+@pytest.fixture(scope="module")
+def two_runs(
+    tmp_path_factory: pytest.TempPathFactory, prefect_home: Path
+) -> tuple[Path, str, list[dict[str, Any]], list[str]]:
+    """Two `cnnpipe train --json` pipelines started at the same moment in the same folder:
+    same MLflow SQLite file, same Prefect home, each with its own torchrun rendezvous."""
+    work, uri = _workdir(tmp_path_factory.mktemp("two"), tmp_path_factory.getbasetemp())
+    env = cli_env(prefect_home)
+    procs = [
+        subprocess.Popen(
+            cnnpipe(*TRAIN, "--epochs", str(e), "--json"),
+            cwd=work,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for e in (1, 2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    results = []
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-4000:]
+        results.append(json.loads(out))
+    return work, uri, results, [err for _, err in outs]
+
+
+def test_two_pipelines_at_once_both_finish(two_runs: Any) -> None:
+    work, uri, results, stderrs = two_runs
+    for err in stderrs:
+        assert "database is locked" not in err
+        assert "EADDRINUSE" not in err and "address already in use" not in err.lower()
+    assert results[0]["run_id"] != results[1]["run_id"]
+    assert sorted(r["model_version"] for r in results) == ["1", "2"]
+    assert mlflow_counts(uri) == {"runs": 2, "versions": 2}
+    # Exactly one champion; the later version is crowned only if it is strictly better.
+    import mlflow
+
+    c = mlflow.MlflowClient(uri)
+    champ = c.get_model_version_by_alias("lenet5-tiny", "champion")
+    by_version = {r["model_version"]: r for r in results}
+    first, second = by_version["1"], by_version["2"]
+    expected = (
+        "2" if second["metrics"]["test_accuracy"] > first["metrics"]["test_accuracy"] else "1"
+    )
+    assert str(champ.version) == expected
+    assert by_version[expected]["champion"] is True
+
+
+def test_train_json_contract(two_runs: Any) -> None:
+    for r in two_runs[2]:
+        assert {"run_id", "model_name", "model_version", "champion", "metrics", "timings",
+                "images_per_s"} <= set(r)  # fmt: skip
+        assert r["model_name"] == "lenet5-tiny" and isinstance(r["champion"], bool)
+        m = r["metrics"]
+        assert {"test_accuracy", "val_accuracy", "per_class_accuracy"} <= set(m)
+        assert 0.0 <= m["test_accuracy"] <= 1.0 and 0.0 <= m["val_accuracy"] <= 1.0
+        assert set(m["per_class_accuracy"]) == set(CLASSES)
+        assert all(0.0 <= a <= 1.0 for a in m["per_class_accuracy"].values())
+        assert r["images_per_s"] > 0
+        t = r["timings"]
+        for stage in ("startup", "prepare", "train", "train_job", "evaluate", "register", "total"):
+            assert t[stage] >= 0, stage
+        assert t["train_job"] <= t["train"] <= t["total"]
+
+
+def test_one_mlflow_run_holds_everything(two_runs: Any) -> None:
+    import mlflow
+
+    _, uri, results, _ = two_runs
+    c = mlflow.MlflowClient(uri)
+    r = max(results, key=lambda x: x["metrics"].get("split") == "val")  # either will do
+    run = c.get_run(r["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model"] == "lenet5" and run.data.params["batch_size"] == "16"
+    assert {"val_accuracy", "train_loss", "test_accuracy"} <= set(run.data.metrics)
+    assert run.data.tags["registered_model"] == f"lenet5-tiny/{r['model_version']}"
+    files = {a.path for a in c.list_artifacts(r["run_id"], "evaluation")}
+    assert {"evaluation/confusion_matrix.png", "evaluation/sample_predictions.png",
+            "evaluation/per_class_accuracy.json"} <= files  # fmt: skip
+    version = c.get_model_version("lenet5-tiny", r["model_version"])
+    assert version.run_id == r["run_id"] and "champion_decision" in version.tags
+
+
+def test_evaluate_and_predict_with_the_champion(two_runs: Any, prefect_home: Path) -> None:
+    work, uri, results, _ = two_runs
+    env = cli_env(prefect_home)
+    champ = next(r for r in results if r["champion"])
+    ev = parse_json_stdout(run_cli(
+        ["evaluate", "--model-uri", "models:/lenet5-tiny@champion", "--dataset", "imagefolder",
+         "--data-dir", "data", "--split", "val", "--json"], work, env))  # fmt: skip
+    assert ev["model_uri"] == "models:/lenet5-tiny@champion" and ev["split"] == "val"
+    assert set(ev["metrics"]["per_class_accuracy"]) == set(CLASSES)
+    # The logged model's own preprocessing reproduces the training job's evaluation.
+    assert ev["metrics"]["accuracy"] == pytest.approx(champ["metrics"]["test_accuracy"], abs=1e-6)
+
+    before = mlflow_counts(uri)
+    pred = parse_json_stdout(run_cli(
+        ["predict", "--model-uri", "models:/lenet5-tiny@champion", "data/val/ants",
+         "--topk", "2", "--json"], work, env))  # fmt: skip
+    assert len(pred) == 10
+    for item in pred:
+        assert Path(item["path"]).parent.name == "ants"
+        probs = [p["probability"] for p in item["predictions"]]
+        assert len(probs) == 2 and probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+        assert {p["label"] for p in item["predictions"]} <= set(CLASSES)
+    assert mlflow_counts(uri) == before  # prediction writes nothing to MLflow
+
+
+def test_retry_after_a_killed_job_resumes_without_duplicates(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, prefect_home: Path
+) -> None:
+    """The worker is SIGKILLed at the first step of epoch 2 (torchrun --max-restarts 0, so the
+    job fails); Prefect retries the task, which resumes from epoch 1's checkpoint in the same
+    output dir and logs into the same MLflow run."""
+    work, uri = _workdir(tmp_path, tmp_path_factory.getbasetemp())
+    steps_per_epoch = 90 // 16
+    env = cli_env(prefect_home, CNNPIPE_TEST_KILL_AT_STEP=str(steps_per_epoch + 1),
+                  CNNPIPE_TEST_KILL_RANK="0")  # fmt: skip
+    proc = run_cli([*TRAIN, "--epochs", "2", "--retries", "1", "--json"], work, env)
+    r = parse_json_stdout(proc)
+    assert r["resumed_from"] and r["resumed_from"].endswith("last.pt")
+    assert r["epochs_completed"] == 2
+    assert "Retry" in proc.stderr or "retry" in proc.stderr.lower()
+    assert mlflow_counts(uri) == {"runs": 1, "versions": 1}
+    import mlflow
+
+    history = mlflow.MlflowClient(uri).get_metric_history(r["run_id"], "val_accuracy")
+    assert sorted(m.step for m in history) == [1, 2]  # no duplicated epochs
+
+
+def _tree(pid: int) -> list[int]:
+    from tasks.launch import process_tree
+
+    return process_tree(pid)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_cancelled_pipeline_leaves_no_process_behind(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, prefect_home: Path
+) -> None:
+    """SIGTERM to `cnnpipe train` (what a Prefect process worker sends on cancellation) while
+    the training workers run: torchrun, its workers and their children all go."""
+    work, uri = _workdir(tmp_path, tmp_path_factory.getbasetemp())
+    proc = subprocess.Popen(cnnpipe(*TRAIN, "--epochs", "500", "--retries", "0"), cwd=work,
+                            env=cli_env(prefect_home), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        workers: list[int] = []
+        while not workers:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "training workers never started"
+            time.sleep(0.5)
+            workers = [p for p in _tree(proc.pid) if "-u -m cnn.train" in _cmdline(p)]
+        time.sleep(1.0)
+        job = [p for p in _tree(proc.pid) if p != proc.pid and "prefect" not in _cmdline(p)]
+        assert any("torch.distributed.run" in _cmdline(p) for p in job)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        assert proc.returncode != 0
+        deadline = time.monotonic() + 20
+        while any(_alive(p) for p in job) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in job if _alive(p)], "orphaned training processes"
+        leftovers = [p for p in map(int, filter(str.isdigit, os.listdir("/proc")))
+                     if str(work) in _cmdline(p) and _alive(p)]  # fmt: skip
+        assert not leftovers, [(p, _cmdline(p)) for p in leftovers]
+        import mlflow
+
+        runs = mlflow.MlflowClient(uri).search_runs(["0", "1"])
+        assert [r.info.status for r in runs] in ([], ["KILLED"], ["FAILED"])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_compare_architectures(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, prefect_home: Path
+) -> None:
+    work, uri = _workdir(tmp_path, tmp_path_factory.getbasetemp())
+    proc = run_cli(["compare", "--models", "lenet5,resnet18_cifar", "--dataset", "imagefolder",
+                    "--data-dir", "data", "--epochs", "1", "--batch-size", "16", "--device",
+                    "cpu", "--json"], work, cli_env(prefect_home))  # fmt: skip
+    result = parse_json_stdout(proc)
+    rows = {r["model"]: r for r in result["rows"]}
+    assert set(rows) == {"lenet5", "resnet18_cifar"}
+    for r in rows.values():
+        assert r["status"] == "ok"
+        assert r["params"] > 0 and r["train_seconds"] > 0 and r["images_per_s"] > 0
+        assert 0 <= r["test_accuracy"] <= 1 and 0 <= r["best_val_accuracy"] <= 1
+    assert rows["resnet18_cifar"]["params"] > 10 * rows["lenet5"]["params"]
+    import mlflow
+
+    c = mlflow.MlflowClient(uri)
+    parent = result["parent_run_id"]
+    children = c.search_runs(
+        [c.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'"
+    )
+    assert {r.data.tags["model"] for r in children} == set(rows)
+    assert {r.info.status for r in children} == {"FINISHED"}
+    table = json.loads(Path(c.download_artifacts(parent, "comparison.json", str(tmp_path)))
+                       .read_text())  # fmt: skip
+    assert set(table["columns"]) >= {"model", "params", "test_accuracy", "images_per_s"}
