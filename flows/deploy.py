@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import sys
 import urllib.error
@@ -38,9 +39,6 @@ DEFAULT_WORK_POOL = "cnnpipe-process"
 DEFAULT_NIGHTLY_CRON = "0 2 * * *"  # every day at 02:00
 DEFAULT_WEEKLY_CRON = "0 4 * * 0"  # Sundays at 04:00, after that night's training
 DEFAULT_TIMEZONE = "UTC"
-DEFAULT_MODEL = "lenet5"
-DEFAULT_DATASET = "cifar10"
-DEFAULT_COMPARE_MODELS = ("lenet5", "resnet18_cifar", "densenet_cifar")
 
 NIGHTLY_NAME = "nightly-train"
 WEEKLY_NAME = "weekly-compare"
@@ -101,48 +99,52 @@ def check_timezone(tz: str) -> str:
     return tz
 
 
-def check_flow_inputs(
-    model: str, models: list[str], dataset: str, data_dir: str | None, epochs: int | None
-) -> None:
-    """Run the flows' own up-front planning (model and dataset names, image folder, config
-    values), so a deployment is only created with inputs its runs would accept."""
-    from flows.pipeline import plan_comparison
-    from tasks.plan import plan_training
-
-    if dataset == "imagefolder" and data_dir is None:
-        # The flow would look for ./data in the worker's directory, not where deploy runs.
-        raise ValueError("--dataset imagefolder needs --data-dir DIR (train/<class>/<image>)")
-    overrides = _drop_none({"epochs": epochs})
-    plan_training(model=model, dataset=dataset, data_dir=data_dir, overrides=overrides)
-    plan_comparison(models, dataset, data_dir=data_dir, overrides=overrides)
+def _flow_default(flow: Flow[..., Any], name: str) -> Any:
+    """A flow parameter's default: the flows stay the one place that defines them."""
+    return inspect.signature(flow.fn).parameters[name].default
 
 
 def plan_deployments(
     *,
-    model: str = DEFAULT_MODEL,
-    dataset: str = DEFAULT_DATASET,
+    model: str | None = None,
+    dataset: str | None = None,
     data_dir: str | None = None,
     epochs: int | None = None,
     register_as: str | None = None,
-    models: str | list[str] | tuple[str, ...] = DEFAULT_COMPARE_MODELS,
+    models: str | list[str] | tuple[str, ...] | None = None,
     nightly_cron: str = DEFAULT_NIGHTLY_CRON,
     weekly_cron: str = DEFAULT_WEEKLY_CRON,
     timezone: str = DEFAULT_TIMEZONE,
 ) -> list[DeploymentSpec]:
-    """The two deployment specs, with every value checked. Raises ValueError on bad input.
+    """The two deployment specs, with every value checked. Raises ValueError (or
+    FileNotFoundError for a missing image folder) on bad input.
 
-    Options left at None are not passed, so the flow's own defaults apply (timm style).
+    `model`, `dataset` and `models` default to the flows' own defaults and are stored
+    explicitly (visible in the UI); other options left at None are not stored, so the flow's
+    defaults apply at run time (timm style).
     """
     nightly_cron = check_cron(nightly_cron, "--nightly-cron")
     weekly_cron = check_cron(weekly_cron, "--weekly-cron")
     timezone = check_timezone(timezone)
+    from flows.pipeline import compare_architectures, plan_comparison, train_pipeline
+    from tasks.plan import plan_training
+
+    model = model or _flow_default(train_pipeline, "model")
+    dataset = dataset or _flow_default(train_pipeline, "dataset")
+    models = models or _flow_default(compare_architectures, "models")
     if isinstance(models, str):
         models = models.split(",")
     compare_models = [m.strip() for m in models if m.strip()]
     if data_dir is not None:
         # The worker runs in the code source's directory, not where `deploy` ran: pin the path.
         data_dir = str(Path(data_dir).expanduser().resolve())
-    check_flow_inputs(model, compare_models, dataset, data_dir, epochs)
+    elif dataset == "imagefolder":
+        # The flow would look for ./data in the worker's directory, not where deploy runs.
+        raise ValueError("--dataset imagefolder needs --data-dir DIR (train/<class>/<image>)")
+    # The flows' own up-front planning: model and dataset names, the image folder, config values.
+    overrides = _drop_none({"epochs": epochs})
+    plan_training(model=model, dataset=dataset, data_dir=data_dir, overrides=overrides)
+    plan_comparison(compare_models, dataset, data_dir=data_dir, overrides=overrides)
 
     common = _drop_none({"dataset": dataset, "data_dir": data_dir, "epochs": epochs})
     nightly = DeploymentSpec(
@@ -395,8 +397,8 @@ def register_deploy_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--nightly-cron", default=DEFAULT_NIGHTLY_CRON, help="cron of the training run")
     p.add_argument("--weekly-cron", default=DEFAULT_WEEKLY_CRON, help="cron of the comparison run")
     p.add_argument("--timezone", default=DEFAULT_TIMEZONE, help="IANA time zone of both crons")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model of the nightly training")
-    p.add_argument("--dataset", default=DEFAULT_DATASET, help="dataset of both deployments")
+    p.add_argument("--model", default=None, help="model of the nightly training (flow default)")
+    p.add_argument("--dataset", default=None, help="dataset of both deployments (flow default)")
     p.add_argument(
         "--data-dir", default=None, help="data folder (made absolute); default: the flow's"
     )
@@ -404,8 +406,8 @@ def register_deploy_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--register-as", default=None, help="registered model name of the nightly run")
     p.add_argument(
         "--models",
-        default=",".join(DEFAULT_COMPARE_MODELS),
-        help="comma-separated models of the weekly comparison",
+        default=None,
+        help="comma-separated models of the weekly comparison (flow default)",
     )
     p.add_argument(
         "--source",

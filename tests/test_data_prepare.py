@@ -248,3 +248,15 @@ def test_default_cache_dir_is_under_data_dir(tmp_path: Path) -> None:
     assert info.path.parent == tmp_path / "ds" / "cache"
     # The cache folder inside data_dir is not mistaken for a split or class.
     assert prepare_dataset("imagefolder", data_dir=tmp_path / "ds", cache_dir=None).cache_hit
+
+
+def test_generated_images_are_learnable(tmp_path: Path) -> None:
+    """Other suites train on fakedata: a nearest-class-mean classifier must already do well."""
+    classes = ("a", "b", "c", "d", "e")
+    make_imagefolder(tmp_path / "ds", classes=classes, n_train=8, n_val=6, size=(24, 40))
+    prep = load_prepared(_prep(tmp_path / "ds", tmp_path / "c").path)
+    (xt, yt), (xv, yv) = prep.split("train"), prep.split("val")
+    feats = lambda x: x.float().flatten(1) / 255  # noqa: E731
+    centroids = torch.stack([feats(xt[yt == k]).mean(0) for k in range(len(classes))])
+    pred = torch.cdist(feats(xv), centroids).argmin(1)
+    assert (pred == yv).float().mean() >= 0.9

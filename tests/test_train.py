@@ -123,8 +123,8 @@ def assert_params_close(a: dict, b: dict, atol: float = 1e-5) -> None:
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=f"parameter {k}")
 
 
-@pytest.fixture
-def torch_globals() -> Any:
+@pytest.fixture(name="torch_globals")
+def torch_globals_fixture() -> Any:
     """train() sets process-wide torch state (threads, deterministic mode): restore it."""
     threads = torch.get_num_threads()
     det = torch.are_deterministic_algorithms_enabled()

@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -65,8 +65,6 @@ class SourceSpec:
     name: str
     kind: str
     files: tuple[RemoteFile, ...]
-    in_channels: int = 3
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
 
 def _urls(filename: str, bases: Sequence[str]) -> tuple[str, ...]:
@@ -80,9 +78,9 @@ def _cifar_spec(name: str, cls: type[tvd.CIFAR10]) -> SourceSpec:
     )
 
 
-def _mnist_spec(name: str, cls: type[tvd.MNIST], channels: int = 1) -> SourceSpec:
+def _mnist_spec(name: str, cls: type[tvd.MNIST]) -> SourceSpec:
     files = tuple(RemoteFile(f, md5, _urls(f, cls.mirrors)) for f, md5 in cls.resources)
-    return SourceSpec(name, name, files, in_channels=channels)
+    return SourceSpec(name, name, files)
 
 
 SOURCES: dict[str, SourceSpec] = {
