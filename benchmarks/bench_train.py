@@ -179,13 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.target <= 1:
         parser.error(f"--target {args.target} must be a fraction in (0, 1], e.g. 0.67")
 
-    from cnn.data import prepare_dataset
-
     if not (args.data_dir / ARCHIVE).is_file():
         parser.error(
             f"{args.data_dir / ARCHIVE} not found; pass --data-dir (the folder holding {ARCHIVE})"
             " or set CNNPIPE_SHARED_DATA"
         )
+    from cnn.data import prepare_dataset
+
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir = extract(args.data_dir, workdir, None)

@@ -189,6 +189,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmuls on Ampere+
     info = D.init_distributed(cfg.device, cfg.num_threads)
     try:
         return _run(cfg, info, t_start)
@@ -261,6 +262,11 @@ def _run(cfg: TrainConfig, info: D.DistInfo, t_start: float) -> dict[str, Any]:
             f"batch of {cfg.batch_size}; lower batch_size"
         )
     num_classes = cfg.num_classes or loaders.num_classes
+    if num_classes != loaders.num_classes:
+        raise ValueError(
+            f"num_classes={cfg.num_classes} but dataset {cfg.dataset!r} has "
+            f"{loaders.num_classes} classes; set num_classes: null (take it from the data)"
+        )
     classes = list(loaders.classes)
 
     # ---- model: same seed on every rank -> identical init (DDP also broadcasts rank 0's)
@@ -297,7 +303,7 @@ def _run(cfg: TrainConfig, info: D.DistInfo, t_start: float) -> dict[str, Any]:
                             "train_seconds": 0.0, "train_images": 0}  # fmt: skip
     partial = [0.0, 0, 0]  # epoch-so-far (loss sum, correct, seen), summed over ranks
     if resume_path is not None:
-        state = load_checkpoint(resume_path, map_location=device)
+        state = load_checkpoint(resume_path)  # on CPU; load_state_dict copies to the device
         raw.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -509,7 +515,7 @@ def _run(cfg: TrainConfig, info: D.DistInfo, t_start: float) -> dict[str, Any]:
 
     # ---- final: the best checkpoint on the test split
     D.barrier(info)
-    best = load_checkpoint(best_path if best_path.exists() else last_path, map_location=device)
+    best = load_checkpoint(best_path if best_path.exists() else last_path)
     if ema is not None and best.get("ema") is not None:
         ema.load_state_dict(best["ema"])
         final_model: nn.Module = ema.module

@@ -389,39 +389,56 @@ def register_deploy_command(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "deploy",
         help="create the scheduled Prefect deployments (nightly train, weekly compare)",
-        description=__doc__.split("\n\n")[1],
+        description=(
+            "Create or update the scheduled Prefect deployments <train flow>/nightly-train "
+            "(train_pipeline) and <compare flow>/weekly-compare (compare_architectures) on a "
+            "process work pool, creating the pool if missing. Needs a Prefect server "
+            "(PREFECT_API_URL or --api-url); see infra/README.md. Every value is checked "
+            "before anything is created."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
-        "--work-pool", default=DEFAULT_WORK_POOL, help="process work pool (created if missing)"
+        "--work-pool", default=DEFAULT_WORK_POOL, help="process work pool, created if missing"
     )
     p.add_argument("--nightly-cron", default=DEFAULT_NIGHTLY_CRON, help="cron of the training run")
     p.add_argument("--weekly-cron", default=DEFAULT_WEEKLY_CRON, help="cron of the comparison run")
     p.add_argument("--timezone", default=DEFAULT_TIMEZONE, help="IANA time zone of both crons")
-    p.add_argument("--model", default=None, help="model of the nightly training (flow default)")
-    p.add_argument("--dataset", default=None, help="dataset of both deployments (flow default)")
     p.add_argument(
-        "--data-dir", default=None, help="data folder (made absolute); default: the flow's"
+        "--model", default=None, help="model of the nightly training; None: the flow's default"
     )
-    p.add_argument("--epochs", type=int, default=None, help="default: the flow's / recipe's")
-    p.add_argument("--register-as", default=None, help="registered model name of the nightly run")
+    p.add_argument(
+        "--dataset", default=None, help="dataset of both deployments; None: the flow's default"
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="data folder, stored as an absolute path; None: the flow's default",
+    )
+    p.add_argument("--epochs", type=int, default=None, help="None: the recipe's")
+    p.add_argument(
+        "--register-as",
+        default=None,
+        help="registered model name of the nightly run; None: <model>-<dataset>",
+    )
     p.add_argument(
         "--models",
         default=None,
-        help="comma-separated models of the weekly comparison (flow default)",
+        help="comma-separated models of the weekly comparison; None: the flow's default",
     )
     p.add_argument(
         "--source",
         default=str(REPO_ROOT),
-        help="where workers get the code: a local project root (default: this checkout) or git URL",
+        help="where workers get the code: a local project root or a git URL",
     )
     p.add_argument(
         "--tracking-uri",
         default=None,
-        help="MLFLOW_TRACKING_URI for the runs (default: the worker's environment)",
+        help="MLFLOW_TRACKING_URI stored for the runs; None: the worker's environment",
     )
     p.add_argument(
         "--env", action="append", default=[], metavar="KEY=VALUE", help="extra run environment"
     )
-    p.add_argument("--api-url", default=None, help="Prefect API URL (default: PREFECT_API_URL)")
+    p.add_argument("--api-url", default=None, help="Prefect API URL; None: PREFECT_API_URL")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=_cmd_deploy)

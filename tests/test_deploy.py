@@ -100,7 +100,7 @@ def test_deploy_without_a_server_configured_is_a_clear_error(
 def test_plan_uses_defaults_and_pins_data_dir(tmp_path: Path) -> None:
     import inspect
 
-    from flows.pipeline import compare_architectures, train_pipeline
+    from flows.pipeline import train_pipeline
 
     data = make_imagefolder(tmp_path / "imgs", n_train=2, n_val=1)
     nightly, weekly = deploy.plan_deployments(
@@ -115,8 +115,15 @@ def test_plan_uses_defaults_and_pins_data_dir(tmp_path: Path) -> None:
         "epochs": 2,
     }  # register_as=None is not stored: the flow's default applies
     assert weekly.parameters["models"] == ["lenet5"]
-    # Without --models the weekly comparison gets the flow's own default list.
-    _, weekly = deploy.plan_deployments(dataset="imagefolder", data_dir=str(data))
+
+
+def test_weekly_comparison_defaults_to_the_flows_model_list() -> None:
+    """`cnnpipe deploy` with no --models must work: the flow's default list is valid and used."""
+    import inspect
+
+    from flows.pipeline import compare_architectures
+
+    _, weekly = deploy.plan_deployments(dataset="cifar10")
     default = inspect.signature(compare_architectures.fn).parameters["models"].default
     assert weekly.parameters["models"] == list(default)
 
@@ -124,7 +131,9 @@ def test_plan_uses_defaults_and_pins_data_dir(tmp_path: Path) -> None:
 def test_imagefolder_without_train_split_is_rejected(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no train/ folder"):
-        deploy.plan_deployments(dataset="imagefolder", data_dir=str(tmp_path / "empty"))
+        deploy.plan_deployments(
+            dataset="imagefolder", data_dir=str(tmp_path / "empty"), models="lenet5"
+        )
 
 
 def test_parameters_are_checked_against_the_real_flows() -> None:

@@ -128,9 +128,11 @@ def torch_globals_fixture() -> Any:
     """train() sets process-wide torch state (threads, deterministic mode): restore it."""
     threads = torch.get_num_threads()
     det = torch.are_deterministic_algorithms_enabled()
+    matmul = torch.get_float32_matmul_precision()
     yield
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(det)
+    torch.set_float32_matmul_precision(matmul)
 
 
 # ------------------------------------------------------------------ tests
@@ -299,3 +301,19 @@ def test_compile_channels_last_one_step(
     assert result["epochs_completed"] == 1
     keys = model_params(cfg.output_dir).keys()
     assert "features.0.weight" in keys and not any("_orig_mod" in k for k in keys)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"num_classes": 5}, r"num_classes=5 but dataset 'imagefolder' has 3 classes"),
+        ({"batch_size": 64, "grad_accum": 2}, r"train split has 48 images, fewer than one global"),
+    ],
+)
+def test_data_dependent_errors(
+    tiny_data: dict, tmp_path: Path, torch_globals: None, changes: dict, match: str
+) -> None:
+    """Checks that need the prepared data run in the engine before any training step."""
+    with pytest.raises(ValueError, match=match):
+        train(tiny_config(tiny_data, tmp_path / "bad", **changes))
+    assert not (tmp_path / "bad" / "checkpoints").exists()
