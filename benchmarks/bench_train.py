@@ -40,6 +40,8 @@ SHARED_DATA = Path(os.environ.get("CNNPIPE_SHARED_DATA", REPO.parent / "shared" 
 ARCHIVE = "cifar10-jpeg-train.tar.gz"
 CHAPTER_BATCH = 8
 TARGET = 0.67
+# Not bench_data.py's "cache" folder, which that script deletes when it starts.
+CACHE = "train-cache"
 
 
 def chapter_loop_images_per_s(work: Path, prepared_path: Path, seconds: float) -> float:
@@ -95,7 +97,7 @@ def run_engine(
         recipe="lenet5-cifar10",
         overrides=[
             f"data_dir={data_dir}",
-            f"cache_dir={workdir / 'cache'}",
+            f"cache_dir={workdir / CACHE}",
             f"output_dir={out}",
             f"num_threads={threads}",
             f"nproc_per_node={nproc}",
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = extract(args.data_dir, workdir, None)
     t0 = time.perf_counter()
     info = prepare_dataset(
-        "imagefolder", data_dir=data_dir, cache_dir=workdir / "cache", val_fraction=0.1, seed=0
+        "imagefolder", data_dir=data_dir, cache_dir=workdir / CACHE, val_fraction=0.1, seed=0
     )
     log(f"prepared {info.splits} in {time.perf_counter() - t0:.1f} s (cache_hit={info.cache_hit})")
     cores = os.cpu_count() or 1

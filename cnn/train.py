@@ -139,17 +139,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _disable_train_augmentation(loaders: Any) -> None:
-    """aug=none: train on the eval transform (no random crop/flip), e.g. to compare runs exactly.
-
-    Workaround: cnn.data's build_loaders has no augmentation-off style, and its augmentation is
-    seeded per rank, so only un-augmented runs match bit-for-bit across world sizes. The
-    in-memory train loader applies `.augment`, so give it the eval loader's transform."""
-    if not hasattr(loaders.train, "augment") or not hasattr(loaders.val, "augment"):
-        raise ValueError("aug=none needs loader_mode=memory (the in-memory loader)")
-    loaders.train.augment = loaders.val.augment
-
-
 def _prepare_data(cfg: TrainConfig, info: D.DistInfo) -> Any:
     """Prepare the dataset cache once: global rank 0 first, then the other nodes' first ranks
     (a cache hit on shared storage), then everyone else (always a cache hit)."""
@@ -241,7 +230,7 @@ def _run(cfg: TrainConfig, info: D.DistInfo, t_start: float) -> dict[str, Any]:
         prepared.path,
         input_size=input_size,
         resize_size=resize_size,
-        style="cifar" if style == "none" else style,
+        style=style,
         batch_size=cfg.batch_size // cfg.grad_accum,  # loader batch = one micro-batch (global)
         eval_batch_size=cfg.eval_batch_size,
         rank=info.rank,
@@ -252,8 +241,6 @@ def _run(cfg: TrainConfig, info: D.DistInfo, t_start: float) -> dict[str, Any]:
         num_workers=cfg.num_workers,
         normalize=normalize,
     )
-    if style == "none":
-        _disable_train_augmentation(loaders)
     accum = cfg.grad_accum
     steps_per_epoch = len(loaders.train) // accum
     if steps_per_epoch < 1:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,6 @@ from tasks.plan import Overrides, plan_training
 from tasks.prepare import prepare_for
 from tasks.register import register_model
 from tasks.train import train_model
-
-# Names of the engine's TrainConfig fields that the flows accept as plain parameters (so a
-# deployment can set them without `overrides`).
-_SHORTCUTS = ("epochs", "batch_size", "lr", "device", "pretrained", "freeze_backbone")
 
 
 @contextmanager
@@ -58,8 +54,10 @@ def _flow_run_id() -> str:
         return ""
 
 
-def _run_status(exc: BaseException) -> str:
-    return "FAILED" if isinstance(exc, Exception) else "KILLED"  # cancel/interrupt: KILLED
+def _end_failed_run(run_id: str, exc: BaseException, uri: str) -> None:
+    """Mark the run FAILED (an error) or KILLED (cancel, interrupt) without masking `exc`."""
+    with suppress(Exception):
+        mlflow_utils.end_run(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED", uri=uri)
 
 
 def _evaluate_and_register(
@@ -68,9 +66,10 @@ def _evaluate_and_register(
     run_id: str,
     register_name: str | None,
     timings: dict[str, float],
+    label: str,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     with _stage(timings, "evaluate"):
-        metrics = evaluate_model(train_out, str(info.path), run_id)
+        metrics = evaluate_model(train_out, str(info.path), run_id, label=label)
     reg = None
     if register_name:
         with _stage(timings, "register"):
@@ -117,7 +116,9 @@ def train_pipeline(
     timings: dict[str, float] = {}
     logger = get_run_logger()
     with _stage(timings, "validate"):
-        shortcuts = {k: v for k, v in locals().items() if k in _SHORTCUTS}
+        # TrainConfig fields a deployment can set as plain parameters, over `overrides`.
+        shortcuts = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device,
+                     "pretrained": pretrained, "freeze_backbone": freeze_backbone}  # fmt: skip
         cfg, launch = plan_training(
             model=model,
             dataset=dataset,
@@ -164,11 +165,11 @@ def train_pipeline(
             return {"run_id": run_id, "output_dir": out, "node_rank": node_rank}
         name = mlflow_utils.registered_name(cfg.model, info.dataset, register_as)
         metrics, reg = _evaluate_and_register(
-            train_out, info, run_id, name if to_registry else None, timings
+            train_out, info, run_id, name if to_registry else None, timings, name
         )
         mlflow_utils.end_run(run_id, uri=uri)
     except BaseException as exc:
-        mlflow_utils.end_run(run_id, _run_status(exc), uri=uri)
+        _end_failed_run(run_id, exc, uri)
         raise
     result = train_out["result"]
     return {
@@ -304,8 +305,9 @@ def compare_architectures(
     logger.info("comparing %s on %s, %d job(s) at a time", names, info.dataset, slots.max_jobs)
     base = Path(output_dir or Path("runs") / f"compare-{info.dataset}-{parent[:8]}").resolve()
     rows: dict[str, dict[str, Any]] = {}
+    futures: dict[Any, Any] = {}
+    children: dict[str, str] = {}
     try:
-        futures, children = {}, {}
         for cfg, launch in plans:
             child = mlflow_utils.start_run(
                 f"{cfg.model}-{info.dataset}",
@@ -334,7 +336,8 @@ def compare_architectures(
                 name = (
                     mlflow_utils.registered_name(cfg.model, info.dataset) if to_registry else None
                 )
-                metrics, reg = _evaluate_and_register(train_out, info, child, name, timings)
+                label = f"{cfg.model}-{info.dataset}"
+                metrics, reg = _evaluate_and_register(train_out, info, child, name, timings, label)
                 result = train_out["result"]
                 row.update(
                     params=metrics.get("params") or result.get("params"),
@@ -357,7 +360,10 @@ def compare_architectures(
         failed = [r["model"] for r in table if not str(r["status"]).startswith("ok")]
         mlflow_utils.end_run(parent, "FAILED" if failed else "FINISHED", uri=uri)
     except BaseException as exc:
-        mlflow_utils.end_run(parent, _run_status(exc), uri=uri)
+        for model, child in children.items():
+            if rows[model]["status"] == "running":
+                _end_failed_run(child, exc, uri)
+        _end_failed_run(parent, exc, uri)
         raise
     if failed:
         raise RuntimeError(f"models failed: {', '.join(failed)} (see the comparison table)")

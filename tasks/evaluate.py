@@ -78,10 +78,15 @@ def _per_class_rows(
     retry_condition_fn=retry_on_io_error,
 )
 def evaluate_model(
-    train_out: dict[str, Any], prepared_path: str, run_id: str | None, n_samples: int = 16
+    train_out: dict[str, Any],
+    prepared_path: str,
+    run_id: str | None,
+    label: str | None = None,
+    n_samples: int = 16,
 ) -> dict[str, Any]:
     """Log the confusion matrix, the per-class table and a sample-prediction grid to the MLflow
-    run; publish Prefect table + markdown artifacts; return the metrics."""
+    run; publish Prefect table + markdown artifacts (keyed by `label`, e.g. lenet5-cifar10, so
+    each model's latest evaluation sits under one key); return the metrics."""
     logger = get_run_logger()
     result = train_out["result"]
     classes, test = list(result["classes"]), result["test"]
@@ -99,7 +104,7 @@ def evaluate_model(
     grid = plots.sample_grid(images[idx], true, predicted, [t[0][1] for t in top])
     right = sum(p == t for p, t in zip(predicted, true, strict=True))
 
-    name = f"{Path(train_out['output_dir']).name}"
+    name = label or Path(train_out["output_dir"]).name
     if run_id:
         c = mlflow_utils.client()
         c.log_figure(run_id, plots.confusion_figure(classes, test["confusion_matrix"]),

@@ -33,10 +33,14 @@ class TrackingUnavailableError(ConnectionError):
     """The MLflow tracking store cannot be reached; raised before any training starts."""
 
 
+_checked_uri: str | None = None  # the store `check_tracking` approved for this process
+
+
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    """Explicit value, else MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (one rule,
-    shared with the training engine's tracker)."""
-    return _default_tracking_uri(uri)
+    """Explicit value, else the store `check_tracking` approved in this process, else
+    MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (the rule the training engine's
+    tracker follows too)."""
+    return _default_tracking_uri(uri or _checked_uri)
 
 
 def experiment_name(name: str | None = None) -> str:
@@ -103,12 +107,14 @@ def check_tracking(uri: str | None = None, timeout: float = 5.0, create: bool = 
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(uri)
+    global _checked_uri
     try:
         with store_lock(uri):  # first contact creates/migrates the schema: never concurrently
             mlflow.MlflowClient(uri).search_experiments(max_results=1)
     except MlflowException as exc:
         raise TrackingUnavailableError(f"MLflow tracking store {uri} is unusable: {exc}") from None
+    mlflow.set_tracking_uri(uri)  # mlflow.register_model & co. use the process default
+    _checked_uri = uri
     return uri
 
 

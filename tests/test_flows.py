@@ -46,21 +46,25 @@ def two_runs(
     tmp_path_factory: pytest.TempPathFactory, prefect_home: Path
 ) -> tuple[Path, str, list[dict[str, Any]], list[str]]:
     """Two `cnnpipe train --json` pipelines started at the same moment in the same folder:
-    same MLflow SQLite file, same Prefect home, each with its own torchrun rendezvous."""
+    same MLflow SQLite file, same Prefect home, each with its own torchrun rendezvous.
+
+    The first one also has its training job killed: its rank 1 is SIGKILLed at the first step
+    of epoch 2 (engine test hook; torchrun --max-restarts 0, so the job fails), and Prefect's
+    retry must resume from epoch 1's checkpoint in the same output dir and MLflow run."""
     work, uri = _workdir(tmp_path_factory.mktemp("two"), tmp_path_factory.getbasetemp())
-    env = cli_env(prefect_home)
+    steps_per_epoch = 90 // 16
+    killed = cli_env(prefect_home, CNNPIPE_TEST_KILL_AT_STEP=str(steps_per_epoch + 1))
+    argv = [
+        [*TRAIN, "--epochs", "2", "--nproc-per-node", "2", "--retries", "1", "--json"],
+        [*TRAIN, "--epochs", "2", "--json"],
+    ]
     procs = [
         subprocess.Popen(
-            cnnpipe(*TRAIN, "--epochs", str(e), "--json"),
-            cwd=work,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            cnnpipe(*a), cwd=work, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )  # fmt: skip
-        for e in (1, 2)
+        for a, e in zip(argv, (killed, cli_env(prefect_home)), strict=True)
     ]
-    outs = [p.communicate(timeout=600) for p in procs]
+    outs = [p.communicate(timeout=900) for p in procs]
     results = []
     for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-4000:]
@@ -75,6 +79,7 @@ def test_two_pipelines_at_once_both_finish(two_runs: Any) -> None:
         assert "EADDRINUSE" not in err and "address already in use" not in err.lower()
     assert results[0]["run_id"] != results[1]["run_id"]
     assert sorted(r["model_version"] for r in results) == ["1", "2"]
+    # The killed-and-retried pipeline added no second MLflow run and no second version.
     assert mlflow_counts(uri) == {"runs": 2, "versions": 2}
     # Exactly one champion; the later version is crowned only if it is strictly better.
     import mlflow
@@ -82,12 +87,22 @@ def test_two_pipelines_at_once_both_finish(two_runs: Any) -> None:
     c = mlflow.MlflowClient(uri)
     champ = c.get_model_version_by_alias("lenet5-tiny", "champion")
     by_version = {r["model_version"]: r for r in results}
-    first, second = by_version["1"], by_version["2"]
-    expected = (
-        "2" if second["metrics"]["test_accuracy"] > first["metrics"]["test_accuracy"] else "1"
-    )
+    acc = {v: r["metrics"]["test_accuracy"] for v, r in by_version.items()}
+    expected = "2" if acc["2"] > acc["1"] else "1"
     assert str(champ.version) == expected
     assert by_version[expected]["champion"] is True
+
+
+def test_retry_after_a_killed_job_resumes_without_duplicates(two_runs: Any) -> None:
+    _, uri, results, stderrs = two_runs
+    r = results[0]
+    assert r["resumed_from"] and r["resumed_from"].endswith("last.pt"), stderrs[0][-3000:]
+    assert r["epochs_completed"] == 2 and results[1]["resumed_from"] is None
+    assert "Retry" in stderrs[0] or "retry" in stderrs[0].lower()
+    import mlflow
+
+    history = mlflow.MlflowClient(uri).get_metric_history(r["run_id"], "val_accuracy")
+    assert sorted(m.step for m in history) == [1, 2]  # the same run, no duplicated epochs
 
 
 def test_train_json_contract(two_runs: Any) -> None:
@@ -112,7 +127,7 @@ def test_one_mlflow_run_holds_everything(two_runs: Any) -> None:
 
     _, uri, results, _ = two_runs
     c = mlflow.MlflowClient(uri)
-    r = max(results, key=lambda x: x["metrics"].get("split") == "val")  # either will do
+    r = results[1]
     run = c.get_run(r["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["model"] == "lenet5" and run.data.params["batch_size"] == "16"
@@ -129,48 +144,41 @@ def test_evaluate_and_predict_with_the_champion(two_runs: Any, prefect_home: Pat
     work, uri, results, _ = two_runs
     env = cli_env(prefect_home)
     champ = next(r for r in results if r["champion"])
-    ev = parse_json_stdout(run_cli(
+    before = mlflow_counts(uri)
+    commands = [
         ["evaluate", "--model-uri", "models:/lenet5-tiny@champion", "--dataset", "imagefolder",
-         "--data-dir", "data", "--split", "val", "--json"], work, env))  # fmt: skip
+         "--data-dir", "data", "--split", "val", "--json"],
+        ["predict", "--model-uri", "models:/lenet5-tiny@champion", "data/val/ants", "--topk",
+         "2", "--json"],
+    ]  # fmt: skip
+    procs = [  # both at once: they only read the store
+        subprocess.Popen(
+            cnnpipe(*c),
+            cwd=work,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for c in commands
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    ev, pred = (json.loads(out) for out, _ in outs)
+
     assert ev["model_uri"] == "models:/lenet5-tiny@champion" and ev["split"] == "val"
     assert set(ev["metrics"]["per_class_accuracy"]) == set(CLASSES)
     # The logged model's own preprocessing reproduces the training job's evaluation.
     assert ev["metrics"]["accuracy"] == pytest.approx(champ["metrics"]["test_accuracy"], abs=1e-6)
 
-    before = mlflow_counts(uri)
-    pred = parse_json_stdout(run_cli(
-        ["predict", "--model-uri", "models:/lenet5-tiny@champion", "data/val/ants",
-         "--topk", "2", "--json"], work, env))  # fmt: skip
     assert len(pred) == 10
     for item in pred:
         assert Path(item["path"]).parent.name == "ants"
         probs = [p["probability"] for p in item["predictions"]]
         assert len(probs) == 2 and probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
         assert {p["label"] for p in item["predictions"]} <= set(CLASSES)
-    assert mlflow_counts(uri) == before  # prediction writes nothing to MLflow
-
-
-def test_retry_after_a_killed_job_resumes_without_duplicates(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, prefect_home: Path
-) -> None:
-    """The worker is SIGKILLed at the first step of epoch 2 (torchrun --max-restarts 0, so the
-    job fails); Prefect retries the task, which resumes from epoch 1's checkpoint in the same
-    output dir and logs into the same MLflow run."""
-    work, uri = _workdir(tmp_path, tmp_path_factory.getbasetemp())
-    steps_per_epoch = 90 // 16
-    # Two ranks (gloo): the engine's hook kills rank 1; torchrun then stops rank 0 and fails.
-    env = cli_env(prefect_home, CNNPIPE_TEST_KILL_AT_STEP=str(steps_per_epoch + 1))
-    argv = [*TRAIN, "--epochs", "2", "--nproc-per-node", "2", "--retries", "1", "--json"]
-    proc = run_cli(argv, work, env)
-    r = parse_json_stdout(proc)
-    assert r["resumed_from"] and r["resumed_from"].endswith("last.pt"), proc.stderr[-3000:]
-    assert r["epochs_completed"] == 2
-    assert "Retry" in proc.stderr or "retry" in proc.stderr.lower()
-    assert mlflow_counts(uri) == {"runs": 1, "versions": 1}
-    import mlflow
-
-    history = mlflow.MlflowClient(uri).get_metric_history(r["run_id"], "val_accuracy")
-    assert sorted(m.step for m in history) == [1, 2]  # no duplicated epochs
+    assert mlflow_counts(uri) == before  # evaluation and prediction write nothing to MLflow
 
 
 def _tree(pid: int) -> list[int]:
@@ -236,9 +244,10 @@ def test_compare_architectures(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, prefect_home: Path
 ) -> None:
     work, uri = _workdir(tmp_path, tmp_path_factory.getbasetemp())
-    proc = run_cli(["compare", "--models", "lenet5,resnet18_cifar", "--dataset", "imagefolder",
-                    "--data-dir", "data", "--epochs", "1", "--batch-size", "16", "--device",
-                    "cpu", "--json"], work, cli_env(prefect_home))  # fmt: skip
+    argv = ["compare", "--models", "lenet5,resnet18_cifar", "--dataset", "imagefolder",
+            "--data-dir", "data", "--epochs", "1", "--batch-size", "16", "--device", "cpu",
+            "--max-concurrent", "2", "--json"]  # fmt: skip
+    proc = run_cli(argv, work, cli_env(prefect_home))
     result = parse_json_stdout(proc)
     rows = {r["model"]: r for r in result["rows"]}
     assert set(rows) == {"lenet5", "resnet18_cifar"}

@@ -56,6 +56,7 @@ def test_default_uri_is_sqlite_in_the_working_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(mlflow_utils, "_checked_uri", None)  # as in a fresh process
     assert mlflow_utils.resolve_tracking_uri() == f"sqlite:///{tmp_path.as_posix()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example:5000")
     assert mlflow_utils.resolve_tracking_uri() == "http://example:5000"
@@ -125,6 +126,7 @@ def test_unknown_model_uri_is_a_clear_error(store: str) -> None:
         mlflow_utils.load_model("models:/nope@champion", store)
 
 
+@pytest.mark.slow
 def test_first_contact_with_a_new_store_is_race_free(tmp_path: Path) -> None:
     """Two processes creating the same new SQLite store at once: without the lock one of them
     fails in MLflow's schema migration ("duplicate column" / "table exists")."""
