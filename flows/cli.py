@@ -57,27 +57,58 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 
-def _warm_prefect_api() -> Callable[[], None]:
+class _Warmup:
+    """Handle on the background start of Prefect's embedded API (see `_warm_prefect_api`)."""
+
+    def __init__(self, thread: Any = None) -> None:
+        import threading
+
+        self.thread = thread
+        self.aborted = threading.Event()
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+
+    def abort(self) -> None:
+        """Bad input after all: do not start the server, or stop it now (while logging still
+        works), instead of leaving it to interpreter shutdown."""
+        if self.thread is None:
+            return
+        self.aborted.set()
+        self.thread.join(timeout=60)
+        from prefect.server.api.server import SubprocessASGIServer
+
+        with contextlib.suppress(Exception):
+            SubprocessASGIServer().stop()
+
+
+def _warm_prefect_api(enabled: bool = True) -> _Warmup:
     """Start Prefect's embedded API server now, in the background, when no server is configured.
 
     Why: the ephemeral server is a separate process that takes seconds to boot; starting it
-    while this process imports torch/mlflow and checks MLflow overlaps the two. Prefect reuses
-    the same (singleton) server for the flow run. Returns a function that waits for it."""
+    while this process imports torch/mlflow and checks its input overlaps the two on a
+    multi-core machine. Prefect reuses the same (singleton) server for the flow run; if the
+    input turns out bad, `abort()` stops it. Only for the console script (`enabled`):
+    in-process callers keep their own Prefect set-up."""
     import threading
 
-    if os.environ.get("PREFECT_API_URL"):
-        return lambda: None
+    if not enabled or os.environ.get("PREFECT_API_URL"):
+        return _Warmup()
+    warm = _Warmup()
 
     def start() -> None:
         from prefect.server.api.server import SubprocessASGIServer
 
+        if warm.aborted.is_set():
+            return
         # A failure here resurfaces when the flow starts: Prefect then starts the server itself.
         with contextlib.suppress(Exception):
             SubprocessASGIServer().start()
 
-    thread = threading.Thread(target=start, name="prefect-api-warmup", daemon=True)
-    thread.start()
-    return thread.join
+    warm.thread = threading.Thread(target=start, name="prefect-api-warmup", daemon=True)
+    warm.thread.start()
+    return warm
 
 
 def _install_sigterm() -> None:
@@ -163,23 +194,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
     params = _train_params(args)
     shortcuts = ("epochs", "batch_size", "lr", "device", "pretrained", "freeze_backbone")
     overrides = {k: params[k] for k in shortcuts if params[k] is not None}
-    plan_training(  # bad input fails here, in about a second, with nothing written anywhere
-        **{k: params[k] for k in ("model", "dataset", "data_dir", "cache_dir", "recipe")},
-        config_file=args.config,
-        overrides={**parse_overrides(args.set), **overrides},
-        nproc_per_node=args.nproc_per_node,
-        nnodes=args.nnodes,
-        node_rank=args.node_rank,
-        rdzv_endpoint=args.rdzv_endpoint,
-        max_restarts=args.max_restarts,
-    )
-    check_reachable()  # an unreachable MLflow server fails now, not after training
     with _stdout_to_stderr(args.json) as emit:
-        wait_for_prefect = _warm_prefect_api()
-        check_tracking()
+        warm = _warm_prefect_api(args.warm)
+        try:
+            plan_training(  # bad input fails here, within seconds, with nothing written anywhere
+                **{k: params[k] for k in ("model", "dataset", "data_dir", "cache_dir", "recipe")},
+                config_file=args.config,
+                overrides={**parse_overrides(args.set), **overrides},
+                nproc_per_node=args.nproc_per_node,
+                nnodes=args.nnodes,
+                node_rank=args.node_rank,
+                rdzv_endpoint=args.rdzv_endpoint,
+                max_restarts=args.max_restarts,
+            )
+            check_reachable()  # an unreachable MLflow server fails now, not after training
+            check_tracking()
+        except Exception:
+            warm.abort()
+            raise
         from flows.pipeline import train_pipeline
 
-        wait_for_prefect()
+        warm.wait()
         result = train_pipeline(**params)
         result["timings"] = {
             "startup": round(result.pop("started_at") - _T0, 3),
@@ -227,14 +262,18 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     }
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ValueError(f"--max-concurrent {args.max_concurrent} must be >= 1")
-    plan_comparison(_models_list(args.models), args.dataset, **params)
-    check_reachable()
     with _stdout_to_stderr(args.json) as emit:
-        wait_for_prefect = _warm_prefect_api()
-        check_tracking()
+        warm = _warm_prefect_api(args.warm)
+        try:
+            plan_comparison(_models_list(args.models), args.dataset, **params)
+            check_reachable()
+            check_tracking()
+        except Exception:
+            warm.abort()
+            raise
         from flows.pipeline import compare_architectures
 
-        wait_for_prefect()
+        warm.wait()
         result = compare_architectures(
             models=_models_list(args.models),
             dataset=args.dataset,
@@ -421,6 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _prefect_env()
         if argv is None:
             _install_sigterm()
+    args.warm = argv is None  # console script: start Prefect's embedded API early
     from tasks.launch import TrainingJobError
     from tasks.mlflow_utils import TrackingUnavailableError
 

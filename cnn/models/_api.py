@@ -35,6 +35,7 @@ __all__ = [
     "main_logits",
     "model_info",
     "register_model",
+    "replace_first_conv",
     "training_loss",
 ]
 
@@ -317,6 +318,7 @@ def get_model(
     pretrained: str | os.PathLike[str] | None = None,
     freeze_backbone: bool = False,
     input_size: int | None = None,
+    pretrained_layout: bool = False,
     **kw: Any,
 ) -> nn.Module:
     """Build ``name`` for ``num_classes`` classes and ``in_channels``-channel images.
@@ -325,6 +327,9 @@ def get_model(
     state-dict file. The backbone is loaded first, then the head is replaced for ``num_classes``.
     ``freeze_backbone`` leaves only the head(s) trainable. ``input_size``, when given, is checked
     against the model's minimum (and sets the image size of fixed-size models such as ViT).
+    ``pretrained_layout=True`` (with ``pretrained=None``) builds the architecture exactly as a
+    pretrained build would, with random weights: for reloading a fine-tuned checkpoint (GoogLeNet
+    then has no aux heads and, like Inception v3, ``transform_input=True``).
     ``None``-valued keyword arguments are dropped before reaching the builder (as timm does).
     """
     e = _entry(name)
@@ -341,8 +346,12 @@ def get_model(
         if e.size_kw is not None and input_size != e.input_size and e.size_kw not in kw:
             kw[e.size_kw] = (input_size, input_size) if e.size_kw_as_pair else input_size
 
-    if pretrained is None:
+    if pretrained is None and not pretrained_layout:
         model = _build(e, num_classes, in_channels, **kw)
+    elif pretrained is None:
+        model = _build(e, num_classes, in_channels, **{**e.pretrained_kwargs, **kw})
+        if e.after_load is not None:
+            e.after_load(model, kw)
     else:
         if e.source != "cnn" and in_channels != 3:
             raise ValueError(
