@@ -32,7 +32,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("onecycle", "cosine", "step", "constant")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
-AUGS = ("auto", "cifar", "finetune", "none")
+AUGS = ("auto", "cifar", "flip", "finetune", "none")
 LOADER_MODES = ("auto", "memory", "stream")
 
 # Fields that do not change the numbers a run produces: excluded from `config_hash`, so a job may
@@ -444,20 +444,37 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _model_family(model: str) -> str | None:
+def _recipe_candidates(model: str, dataset: str) -> list[str]:
+    """Recipe names to try, most specific first.
+
+    A family recipe (resnet.yaml, vgg.yaml, ...) is written for that family's from-scratch
+    32x32 models; torchvision's ImageNet architectures of the same family would be wrecked by
+    its learning rate, so they get `<family>-finetune` or the generic `finetune` recipe."""
+    candidates = [f"{model}-{dataset}"]
     try:
-        from cnn.models import model_info
-    except ImportError:
-        return None
-    try:
-        return model_info(model).family
-    except (ValueError, KeyError):
-        return None
+        from cnn.models import list_models, model_info
+
+        info = model_info(model)
+    except (ImportError, ValueError, KeyError):
+        return [*candidates, "default"]
+    if info.source == "torchvision":
+        mixed = any(
+            model_info(m).family == info.family and model_info(m).source != "torchvision"
+            for m in list_models()
+        )
+        candidates.append(f"{info.family}-finetune")
+        if not mixed:
+            candidates.append(info.family)
+        candidates.append("finetune")
+    else:
+        candidates.append(info.family)
+    return [*candidates, "default"]
 
 
 def find_recipe(model: str, dataset: str, recipe: str | None = None) -> Path:
     """The recipe file for a run: explicit `recipe` (a name in cnn/recipes/ or a path), else
-    `<model>-<dataset>`, else the model family's default, else `default.yaml`."""
+    `<model>-<dataset>`, else the model family's default (the fine-tuning default for
+    torchvision's ImageNet models), else `default.yaml`."""
     if recipe:
         path = Path(recipe)
         if path.suffix in (".yaml", ".yml") and path.is_file():
@@ -470,11 +487,7 @@ def find_recipe(model: str, dataset: str, recipe: str | None = None) -> Path:
             + _suggest(recipe, list_recipes())
             + f"; available: {', '.join(list_recipes()) or '(none)'}"
         )
-    candidates = [f"{model}-{dataset}"]
-    family = _model_family(model)
-    if family:
-        candidates.append(family)
-    candidates.append("default")
+    candidates = _recipe_candidates(model, dataset)
     for name in candidates:
         path = RECIPES_DIR / f"{name}.yaml"
         if path.is_file():

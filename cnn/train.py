@@ -223,7 +223,7 @@ def _run(cfg: TrainConfig, info: D.DistInfo, t_start: float) -> dict[str, Any]:
     # for CIFAR-style training (stored in the checkpoint so the exported model matches).
     resize_size = (
         input_size
-        if style in ("cifar", "none")
+        if style in ("cifar", "flip", "none")
         else round(input_size * minfo.resize_size / minfo.input_size)
     )
     loaders = build_loaders(

@@ -87,10 +87,9 @@ def _warm_prefect_api(enabled: bool = True) -> _Warmup:
     """Start Prefect's embedded API server now, in the background, when no server is configured.
 
     Why: the ephemeral server is a separate process that takes seconds to boot; starting it
-    while this process imports torch/mlflow and checks its input overlaps the two on a
-    multi-core machine. Prefect reuses the same (singleton) server for the flow run; if the
-    input turns out bad, `abort()` stops it. Only for the console script (`enabled`):
-    in-process callers keep their own Prefect set-up."""
+    while this process checks MLflow and imports the flows overlaps the two. Prefect reuses the
+    same (singleton) server for the flow run; if MLflow turns out unusable, `abort()` stops it.
+    Only for the console script (`enabled`): in-process callers keep their own Prefect set-up."""
     import threading
 
     if not enabled or os.environ.get("PREFECT_API_URL"):
@@ -195,19 +194,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     shortcuts = ("epochs", "batch_size", "lr", "device", "pretrained", "freeze_backbone")
     overrides = {k: params[k] for k in shortcuts if params[k] is not None}
     with _stdout_to_stderr(args.json) as emit:
+        plan_training(  # bad input fails here, within seconds, with nothing written anywhere
+            **{k: params[k] for k in ("model", "dataset", "data_dir", "cache_dir", "recipe")},
+            config_file=args.config,
+            overrides={**parse_overrides(args.set), **overrides},
+            nproc_per_node=args.nproc_per_node,
+            nnodes=args.nnodes,
+            node_rank=args.node_rank,
+            rdzv_endpoint=args.rdzv_endpoint,
+            max_restarts=args.max_restarts,
+        )
+        check_reachable()  # an unreachable MLflow server fails now, not after training
+        # Only now (valid input): a warm-up started earlier competes for the GIL with the
+        # validation imports and slows bad-input errors down several-fold.
         warm = _warm_prefect_api(args.warm)
         try:
-            plan_training(  # bad input fails here, within seconds, with nothing written anywhere
-                **{k: params[k] for k in ("model", "dataset", "data_dir", "cache_dir", "recipe")},
-                config_file=args.config,
-                overrides={**parse_overrides(args.set), **overrides},
-                nproc_per_node=args.nproc_per_node,
-                nnodes=args.nnodes,
-                node_rank=args.node_rank,
-                rdzv_endpoint=args.rdzv_endpoint,
-                max_restarts=args.max_restarts,
-            )
-            check_reachable()  # an unreachable MLflow server fails now, not after training
             check_tracking()
         except Exception:
             warm.abort()
@@ -263,10 +264,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ValueError(f"--max-concurrent {args.max_concurrent} must be >= 1")
     with _stdout_to_stderr(args.json) as emit:
+        plan_comparison(_models_list(args.models), args.dataset, **params)
+        check_reachable()
         warm = _warm_prefect_api(args.warm)
         try:
-            plan_comparison(_models_list(args.models), args.dataset, **params)
-            check_reachable()
             check_tracking()
         except Exception:
             warm.abort()

@@ -74,11 +74,24 @@ def test_recipe_is_a_valid_config(name: str) -> None:
 
 @pytest.mark.parametrize("model", list_models())
 def test_every_model_resolves_to_its_family_or_own_recipe(model: str) -> None:
-    family = model_info(model).family
+    info = model_info(model)
     path = find_recipe(model, "cifar10")
-    assert path.stem in (f"{model}-cifar10", family), (
-        f"{model} (family {family!r}) falls back to {path.name}; ship cnn/recipes/{family}.yaml"
+    allowed = {f"{model}-cifar10", info.family}
+    if info.source == "torchvision":
+        allowed |= {f"{info.family}-finetune", "finetune"}
+    assert path.stem in allowed, (
+        f"{model} (family {info.family!r}) falls back to {path.name}; "
+        f"ship cnn/recipes/{info.family}.yaml"
     )
+
+
+def test_imagenet_models_of_a_from_scratch_family_get_the_finetune_recipe() -> None:
+    """resnet.yaml is tuned for resnet*_cifar from scratch (lr 0.1); torchvision's ImageNet
+    ResNet must not inherit it."""
+    assert find_recipe("resnet34_cifar", "cifar10").stem == "resnet"
+    assert find_recipe("resnet50", "cifar10").stem == "finetune"
+    assert find_recipe("vgg13", "mnist").stem == "finetune"
+    assert find_recipe("mobilenet_v3_small", "cifar10").stem == "mobilenet"
 
 
 def test_model_dataset_recipe_wins_over_family() -> None:

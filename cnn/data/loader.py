@@ -132,10 +132,11 @@ def _v2_transform(aug: BatchAugment) -> v2.Transform:
     tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(aug.mean, aug.std)]
     if not aug.train or aug.style == "none":
         head = [v2.Resize(aug.resize_size, antialias=True), v2.CenterCrop(size)]
-    elif aug.style == "cifar":
+    elif aug.style in ("cifar", "flip"):
+        padding = aug.padding if aug.style == "cifar" else 0
         head = [
             v2.Resize(size, antialias=True),
-            v2.RandomCrop(size, padding=aug.padding),
+            v2.RandomCrop(size, padding=padding),
             v2.RandomHorizontalFlip(),
         ]
     else:
