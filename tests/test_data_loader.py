@@ -285,3 +285,21 @@ def test_epoch_never_materializes_a_float_copy() -> None:
     assert count == 2 * n
     # Only per-batch buffers (a few MB) may be added: far below a float copy (4 B/pixel).
     assert grown < 0.25 * (n * 3 * 32 * 32 * 4)
+
+
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_style_flip_only_flips(mode: str) -> None:
+    """style="flip": every training image is its stored pixels or their mirror, never shifted."""
+    prep = _prepared(16)
+    lo = build_loaders(prep, input_size=8, style="flip", batch_size=8, mode=mode, num_workers=0)
+    lo.train.set_epoch(0)
+    images = prep.split("train")[0]
+    flipped = 0
+    for x, y in lo.train:
+        for xi, yi in zip(x, y, strict=True):
+            plain = (images[yi].float() / 255 - 0.5) / 0.25
+            same = torch.allclose(xi, plain, atol=1e-5)
+            mirror = torch.allclose(xi, plain.flip(-1), atol=1e-5)
+            assert same or mirror
+            flipped += int(mirror and not same)
+    assert flipped > 0  # the flip really happens
