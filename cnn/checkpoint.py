@@ -206,6 +206,9 @@ def load_model_from_checkpoint(
         num_classes=int(meta["num_classes"]),
         in_channels=int(meta.get("in_channels", 3)),
         input_size=meta.get("input_size"),
+        # The structure a pretrained build has (GoogLeNet drops its aux heads, Inception v3
+        # keeps transform_input), with random weights: the checkpoint supplies them.
+        pretrained_layout=bool(cfg.get("pretrained")),
     )
     weights = state["model"]
     if use_ema and state.get("ema") is not None:
