@@ -67,9 +67,10 @@ def _evaluate_and_register(
     register_name: str | None,
     timings: dict[str, float],
     label: str,
+    uri: str,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     with _stage(timings, "evaluate"):
-        metrics = evaluate_model(train_out, str(info.path), run_id, label=label)
+        metrics = evaluate_model(train_out, str(info.path), run_id, label=label, tracking_uri=uri)
     reg = None
     if register_name:
         with _stage(timings, "register"):
@@ -79,6 +80,7 @@ def _evaluate_and_register(
                 run_id,
                 register_name,
                 metrics["test_accuracy"],
+                tracking_uri=uri,
             )
     return metrics, reg
 
@@ -165,7 +167,7 @@ def train_pipeline(
             return {"run_id": run_id, "output_dir": out, "node_rank": node_rank}
         name = mlflow_utils.registered_name(cfg.model, info.dataset, register_as)
         metrics, reg = _evaluate_and_register(
-            train_out, info, run_id, name if to_registry else None, timings, name
+            train_out, info, run_id, name if to_registry else None, timings, name, uri
         )
         mlflow_utils.end_run(run_id, uri=uri)
     except BaseException as exc:
@@ -337,7 +339,9 @@ def compare_architectures(
                     mlflow_utils.registered_name(cfg.model, info.dataset) if to_registry else None
                 )
                 label = f"{cfg.model}-{info.dataset}"
-                metrics, reg = _evaluate_and_register(train_out, info, child, name, timings, label)
+                metrics, reg = _evaluate_and_register(
+                    train_out, info, child, name, timings, label, uri
+                )
                 result = train_out["result"]
                 row.update(
                     params=metrics.get("params") or result.get("params"),

@@ -83,6 +83,7 @@ def evaluate_model(
     run_id: str | None,
     label: str | None = None,
     n_samples: int = 16,
+    tracking_uri: str | None = None,
 ) -> dict[str, Any]:
     """Log the confusion matrix, the per-class table and a sample-prediction grid to the MLflow
     run; publish Prefect table + markdown artifacts (keyed by `label`, e.g. lenet5-cifar10, so
@@ -106,7 +107,7 @@ def evaluate_model(
 
     name = label or Path(train_out["output_dir"]).name
     if run_id:
-        c = mlflow_utils.client()
+        c = mlflow_utils.client(tracking_uri)
         c.log_figure(run_id, plots.confusion_figure(classes, test["confusion_matrix"]),
                      "evaluation/confusion_matrix.png")  # fmt: skip
         c.log_figure(run_id, grid, "evaluation/sample_predictions.png")
@@ -119,6 +120,7 @@ def evaluate_model(
             run_id,
             {f"test_accuracy/{metric_name(c)}": a for c, a in per_class.items()}
             | {"sample_grid_accuracy": right / max(len(idx), 1)},
+            uri=tracking_uri,
         )
     create_table_artifact(
         rows, key=artifact_key(name, "per-class"), description=f"per-class {split} accuracy"

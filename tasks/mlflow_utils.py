@@ -33,14 +33,10 @@ class TrackingUnavailableError(ConnectionError):
     """The MLflow tracking store cannot be reached; raised before any training starts."""
 
 
-_checked_uri: str | None = None  # the store `check_tracking` approved for this process
-
-
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    """Explicit value, else the store `check_tracking` approved in this process, else
-    MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (the rule the training engine's
-    tracker follows too)."""
-    return _default_tracking_uri(uri or _checked_uri)
+    """Explicit value, else MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (one rule,
+    shared with the training engine's tracker)."""
+    return _default_tracking_uri(uri)
 
 
 def experiment_name(name: str | None = None) -> str:
@@ -107,14 +103,12 @@ def check_tracking(uri: str | None = None, timeout: float = 5.0, create: bool = 
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    global _checked_uri
     try:
         with store_lock(uri):  # first contact creates/migrates the schema: never concurrently
             mlflow.MlflowClient(uri).search_experiments(max_results=1)
     except MlflowException as exc:
         raise TrackingUnavailableError(f"MLflow tracking store {uri} is unusable: {exc}") from None
     mlflow.set_tracking_uri(uri)  # mlflow.register_model & co. use the process default
-    _checked_uri = uri
     return uri
 
 
@@ -230,6 +224,7 @@ def log_model(
     import mlflow
     import mlflow.pytorch
 
+    mlflow.set_tracking_uri(resolve_tracking_uri(uri))  # log_model uses the process default
     # Create the LoggedModel in the run's experiment explicitly: log_model alone would put it in
     # the process's "current" experiment, which is not the run's when no run is active.
     logged = mlflow.initialize_logged_model(
@@ -301,6 +296,7 @@ def register_version(
     from mlflow.exceptions import MlflowException
 
     uri = resolve_tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)  # register_model uses the process default
     c = client(uri)
     with store_lock(uri):
         existing = c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")

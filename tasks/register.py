@@ -22,7 +22,12 @@ from tasks.common import retry_on_io_error
     retry_condition_fn=retry_on_io_error,
 )
 def register_model(
-    output_dir: str, prepared_path: str, run_id: str, name: str, test_accuracy: float
+    output_dir: str,
+    prepared_path: str,
+    run_id: str,
+    name: str,
+    test_accuracy: float,
+    tracking_uri: str | None = None,
 ) -> dict[str, Any]:
     """Log best.pt as an `ImageClassifier` (uint8 images in, probabilities out) with a signature
     and a raw-image input example, register it as a version of `name` and move `champion` only
@@ -31,11 +36,12 @@ def register_model(
     model = from_checkpoint(Path(output_dir) / "checkpoints" / "best.pt")
     images, _ = load_prepared(prepared_path).split("test")
     example = images[:2].numpy()
-    model_uri = mlflow_utils.log_model(run_id, model, example)
+    model_uri = mlflow_utils.log_model(run_id, model, example, uri=tracking_uri)
     reg = mlflow_utils.register_version(
-        model_uri, name=name, run_id=run_id, test_accuracy=test_accuracy
+        model_uri, name=name, run_id=run_id, test_accuracy=test_accuracy, uri=tracking_uri
     )
-    mlflow_utils.client().set_tag(run_id, "registered_model", f"{reg.name}/{reg.version}")
+    tag = f"{reg.name}/{reg.version}"
+    mlflow_utils.client(tracking_uri).set_tag(run_id, "registered_model", tag)
     logger.info(
         "registered %s version %s%s: %s",
         reg.name,

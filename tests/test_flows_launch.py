@@ -74,6 +74,13 @@ _TREE = textwrap.dedent(
 )
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -91,7 +98,8 @@ def test_an_exception_kills_the_whole_tree_including_new_sessions() -> None:
         seen.append(line)
         if line == "worker up":
             time.sleep(0.3)  # let the grandchild start
-            pids.extend(process_tree(os.getpid())[1:])
+            # Only this job's processes (the test session may have other children).
+            pids.extend(p for p in process_tree(os.getpid()) if "sleep(60)" in _cmdline(p))
             raise KeyboardInterrupt  # what a cancelled flow raises in this thread
 
     t0 = time.monotonic()

@@ -56,7 +56,6 @@ def test_default_uri_is_sqlite_in_the_working_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(mlflow_utils, "_checked_uri", None)  # as in a fresh process
     assert mlflow_utils.resolve_tracking_uri() == f"sqlite:///{tmp_path.as_posix()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example:5000")
     assert mlflow_utils.resolve_tracking_uri() == "http://example:5000"

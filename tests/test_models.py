@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -280,6 +281,9 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(var, "http://127.0.0.1:9")
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
+    # urllib's global opener captures the proxy settings at its first use: give this test its
+    # own and drop it afterwards, so the dead proxy does not outlive the test.
+    monkeypatch.setattr(urllib.request, "_opener", None)
 
 
 def test_weights_name_offline_says_where_to_put_the_file(offline: None) -> None:

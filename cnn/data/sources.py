@@ -134,7 +134,10 @@ def _fetch(url: str, dest: Path, timeout: float) -> None:
     tmp = dest.with_name(dest.name + ".part")
     req = urllib.request.Request(url, headers={"User-Agent": "cnnpipe"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp, open(tmp, "wb") as out:
+        # A fresh opener per request reads the proxy settings as they are now; the module-level
+        # urlopen() freezes them at its first call in the process.
+        opener = urllib.request.build_opener()
+        with opener.open(req, timeout=timeout) as resp, open(tmp, "wb") as out:
             expected = resp.headers.get("Content-Length")
             shutil.copyfileobj(resp, out, 1 << 20)
             out.flush()
