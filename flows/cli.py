@@ -57,57 +57,29 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 
-class _Warmup:
-    """Handle on the background start of Prefect's embedded API (see `_warm_prefect_api`)."""
-
-    def __init__(self, thread: Any = None) -> None:
-        import threading
-
-        self.thread = thread
-        self.aborted = threading.Event()
-
-    def wait(self) -> None:
-        if self.thread is not None:
-            self.thread.join()
-
-    def abort(self) -> None:
-        """Bad input after all: do not start the server, or stop it now (while logging still
-        works), instead of leaving it to interpreter shutdown."""
-        if self.thread is None:
-            return
-        self.aborted.set()
-        self.thread.join(timeout=60)
-        from prefect.server.api.server import SubprocessASGIServer
-
-        with contextlib.suppress(Exception):
-            SubprocessASGIServer().stop()
-
-
-def _warm_prefect_api(enabled: bool = True) -> _Warmup:
+def _warm_prefect_api(enabled: bool = True) -> Callable[[], None]:
     """Start Prefect's embedded API server now, in the background, when no server is configured.
 
     Why: the ephemeral server is a separate process that takes seconds to boot; starting it
-    while this process checks MLflow and imports the flows overlaps the two. Prefect reuses the
-    same (singleton) server for the flow run; if MLflow turns out unusable, `abort()` stops it.
-    Only for the console script (`enabled`): in-process callers keep their own Prefect set-up."""
+    while this process imports the flows and tasks overlaps the two. Prefect reuses the
+    same (singleton) server for the flow run. Returns a function that waits for it. Only for
+    the console script (`enabled`): in-process callers keep their own Prefect set-up."""
     import threading
 
     if not enabled or os.environ.get("PREFECT_API_URL"):
-        return _Warmup()
-    warm = _Warmup()
+        return lambda: None
+    # Imported here, in the main thread: importing Prefect's server ORM in a thread while
+    # MLflow's SQLAlchemy store configures all mappers races (half-defined Prefect models).
+    from prefect.server.api.server import SubprocessASGIServer
 
     def start() -> None:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        if warm.aborted.is_set():
-            return
         # A failure here resurfaces when the flow starts: Prefect then starts the server itself.
         with contextlib.suppress(Exception):
             SubprocessASGIServer().start()
 
-    warm.thread = threading.Thread(target=start, name="prefect-api-warmup", daemon=True)
-    warm.thread.start()
-    return warm
+    thread = threading.Thread(target=start, name="prefect-api-warmup", daemon=True)
+    thread.start()
+    return thread.join
 
 
 def _install_sigterm() -> None:
@@ -205,17 +177,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
             max_restarts=args.max_restarts,
         )
         check_reachable()  # an unreachable MLflow server fails now, not after training
-        # Only now (valid input): a warm-up started earlier competes for the GIL with the
-        # validation imports and slows bad-input errors down several-fold.
-        warm = _warm_prefect_api(args.warm)
-        try:
-            check_tracking()
-        except Exception:
-            warm.abort()
-            raise
+        check_tracking()
+        # Only now (valid input, MLflow ready): a warm-up started earlier competes for the GIL
+        # with the validation imports and slows bad-input errors down several-fold.
+        wait_for_prefect = _warm_prefect_api(args.warm)
         from flows.pipeline import train_pipeline
 
-        warm.wait()
+        wait_for_prefect()
         result = train_pipeline(**params)
         result["timings"] = {
             "startup": round(result.pop("started_at") - _T0, 3),
@@ -266,15 +234,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     with _stdout_to_stderr(args.json) as emit:
         plan_comparison(_models_list(args.models), args.dataset, **params)
         check_reachable()
-        warm = _warm_prefect_api(args.warm)
-        try:
-            check_tracking()
-        except Exception:
-            warm.abort()
-            raise
+        check_tracking()
+        wait_for_prefect = _warm_prefect_api(args.warm)
         from flows.pipeline import compare_architectures
 
-        warm.wait()
+        wait_for_prefect()
         result = compare_architectures(
             models=_models_list(args.models),
             dataset=args.dataset,
