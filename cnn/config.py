@@ -159,6 +159,20 @@ class TrainConfig:
         os.replace(tmp, path)
         return path
 
+    def data_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `cnn.data.prepare_dataset` for this run. The Prefect prepare
+        task and the training job both use them, so the job always gets a cache hit."""
+        return {
+            "data_dir": self.data_dir,
+            "cache_dir": self.cache_dir,
+            "resolution": self.resolution,
+            "val_fraction": self.val_fraction,
+            "seed": self.seed,
+            "skip_bad_images": self.skip_bad_images,
+            "download": self.download,
+            "mirror": self.mirror,
+        }
+
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some fields changed (values coerced like overrides)."""
         return dataclasses.replace(self, **coerce_values(changes, source="replace"))

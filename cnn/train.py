@@ -148,17 +148,9 @@ def _prepare_data(cfg: TrainConfig, info: D.DistInfo) -> Any:
     phases = (info.rank == 0, info.local_rank == 0 and info.rank != 0, info.local_rank != 0)
     for mine in phases:
         if mine:
-            prepared = prepare_dataset(
-                cfg.dataset,
-                data_dir=cfg.data_dir,
-                cache_dir=cfg.cache_dir,
-                resolution=cfg.resolution,
-                val_fraction=cfg.val_fraction,
-                seed=cfg.seed,
-                skip_bad_images=cfg.skip_bad_images,
-                download=cfg.download and info.local_rank == 0,
-                mirror=cfg.mirror,
-            )
+            kwargs = cfg.data_kwargs()
+            kwargs["download"] = cfg.download and info.local_rank == 0
+            prepared = prepare_dataset(cfg.dataset, **kwargs)
         D.barrier(info)
     return prepared
 
