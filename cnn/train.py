@@ -123,7 +123,7 @@ def _test_hooks() -> dict[str, int | None]:
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     return {
         "kill_step": get("CNNPIPE_TEST_KILL_AT_STEP") if first_attempt else None,
-        "kill_rank": get("CNNPIPE_TEST_KILL_RANK") or 1,
+        "kill_rank": 1 if get("CNNPIPE_TEST_KILL_RANK") is None else get("CNNPIPE_TEST_KILL_RANK"),
         "nan_step": get("CNNPIPE_TEST_NAN_AT_STEP"),
     }
 

@@ -436,7 +436,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"cnnpipe {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    except TrainingJobError as exc:
+    except (TrainingJobError, OSError) as exc:
+        # A failed job or I/O (a download that kept failing, a full disk): one line, no
+        # traceback; the message names the file or URL.
         print(f"cnnpipe {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -86,6 +86,16 @@ class LaunchSpec:
         return self.nnodes == 1 and not self.rdzv_endpoint
 
 
+# Environment for every torchrun job. TORCH_DISABLE_SHARE_RDZV_TCP_STORE: torchrun's c10d
+# rendezvous otherwise shares one never-cleared TCPStore with the workers, and after a
+# --max-restarts restart on several nodes the new workers can read the previous attempt's peer
+# addresses and hang (pytorch#135712; cnn/dist.py works around it on one node only).
+TORCHRUN_ENV = {
+    "PYTHONUNBUFFERED": "1",
+    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1"),
+}
+
+
 def build_torchrun_command(
     config_path: str | Path, spec: LaunchSpec, python: str = sys.executable
 ) -> list[str]:
@@ -237,7 +247,7 @@ def run_job(
         errors="replace",
         bufsize=1,
         start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        env={**os.environ, **TORCHRUN_ENV, **(env or {})},
         cwd=cwd,
     )
     tail: list[str] = []

@@ -117,3 +117,20 @@ def test_parser_knows_every_command() -> None:
     assert {"models", "prepare", "train", "compare", "evaluate", "predict"} <= set(sub.choices)
     args = build_parser().parse_args([*TRAIN, "--pretrained", "--set", "a=1", "--set", "b=2"])
     assert args.pretrained == "DEFAULT" and args.set == ["a=1", "b=2"]
+
+
+@pytest.mark.slow  # the download's real retry backoff takes ~15 s
+def test_failed_download_is_one_line_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("CNNPIPE_DATA_MIRROR", f"http://127.0.0.1:{port}/")
+    code = main(["prepare", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data")])
+    err = capsys.readouterr().err
+    assert code == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("cnnpipe prepare: error:") and "cifar-10-python.tar.gz" in last
+    assert "Traceback" not in err
+    assert not list((tmp_path / "data").rglob("*.tar.gz"))  # no partial file left behind
