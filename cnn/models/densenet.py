@@ -116,9 +116,7 @@ def densenet_bc_100_k12_cifar(
 
 
 @register_model("densenet_cifar", family="densenet", min_input_size=4)
-def densenet_cifar(
-    *, num_classes: int = 10, in_channels: int = 3, **kwargs: Any
-) -> DenseNetCifar:
+def densenet_cifar(*, num_classes: int = 10, in_channels: int = 3, **kwargs: Any) -> DenseNetCifar:
     """The chapter's DenseNet for CIFAR under its short name: the small growth-12 variant
     (DenseNet-BC-100, k=12), cheap enough to compare against LeNet and ResNet-18 on a CPU."""
     return densenet_bc_100_k12_cifar(num_classes=num_classes, in_channels=in_channels, **kwargs)
