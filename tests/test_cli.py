@@ -3,7 +3,10 @@ problem, before Prefect starts and without writing anything to MLflow."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -120,17 +123,22 @@ def test_parser_knows_every_command() -> None:
 
 
 @pytest.mark.slow  # the download's real retry backoff takes ~15 s
-def test_failed_download_is_one_line_naming_the_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_failed_download_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    """As a user sees it (a real process, so no other test's logging handlers interfere)."""
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setenv("CNNPIPE_DATA_MIRROR", f"http://127.0.0.1:{port}/")
-    code = main(["prepare", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data")])
-    err = capsys.readouterr().err
-    assert code == 1
-    last = err.strip().splitlines()[-1]
+    env = {**os.environ, "CNNPIPE_DATA_MIRROR": f"http://127.0.0.1:{port}/"}
+    cmd = [sys.executable, "-m", "flows.cli", "prepare", "--dataset", "cifar10"]
+    proc = subprocess.run(
+        [*cmd, "--data-dir", str(tmp_path / "data")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("cnnpipe prepare: error:") and "cifar-10-python.tar.gz" in last
-    assert "Traceback" not in err
+    assert "Traceback" not in proc.stderr
     assert not list((tmp_path / "data").rglob("*.tar.gz"))  # no partial file left behind
