@@ -8,10 +8,16 @@ between "log epoch E" and "checkpoint epoch E" never produces duplicate points.
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 from pathlib import Path
 from typing import Any
+
+
+def _mlflow(module: str) -> Any:
+    """Load `mlflow.<module>` on first use: the engine's GPU hosts may not have mlflow."""
+    return importlib.import_module(f"mlflow.{module}")
 
 
 def tracking_uri(configured: str | None = None) -> str:
@@ -45,9 +51,7 @@ class Tracker:
         self._logged: dict[str, set[int]] = {}
         if not self.run_id:
             return
-        from mlflow.tracking import MlflowClient  # lazy: mlflow is optional for the engine
-
-        self.client = MlflowClient(tracking_uri=tracking_uri(uri))
+        self.client = _mlflow("tracking").MlflowClient(tracking_uri=tracking_uri(uri))
         self.client.get_run(self.run_id)  # fail fast with MLflow's message if the id is wrong
 
     @property
@@ -66,7 +70,7 @@ class Tracker:
         since MLflow refuses to change a logged param."""
         if not self.active:
             return
-        from mlflow.entities import Param
+        Param = _mlflow("entities").Param
 
         existing = self.client.get_run(self.run_id).data.params  # type: ignore[union-attr]
         new = [Param(k, v[:6000]) for k, v in flatten(params).items() if k not in existing]
@@ -77,7 +81,7 @@ class Tracker:
         """Log finite metrics at `step`, skipping any (key, step) this run already has."""
         if not self.active:
             return
-        from mlflow.entities import Metric
+        Metric = _mlflow("entities").Metric
 
         now = int(time.time() * 1000)
         batch = []
