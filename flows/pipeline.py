@@ -20,7 +20,7 @@ from prefect.context import get_run_context
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks import mlflow_utils, plots
+from tasks import mlflow_utils, plots, registry
 from tasks.evaluate import artifact_key, evaluate_model
 from tasks.launch import JobSlots, LaunchSpec
 from tasks.plan import Overrides, plan_training
@@ -68,6 +68,7 @@ def _evaluate_and_register(
     timings: dict[str, float],
     label: str,
     uri: str,
+    identity: registry.DataIdentity | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     with _stage(timings, "evaluate"):
         metrics = evaluate_model(train_out, str(info.path), run_id, label=label, tracking_uri=uri)
@@ -81,6 +82,7 @@ def _evaluate_and_register(
                 register_name,
                 metrics["test_accuracy"],
                 tracking_uri=uri,
+                data_identity=identity.to_dict() if identity else None,
             )
     return metrics, reg
 
@@ -165,9 +167,10 @@ def train_pipeline(
         if not train_out["result"]:  # a non-main node of a multi-node job
             mlflow_utils.end_run(run_id, uri=uri)
             return {"run_id": run_id, "output_dir": out, "node_rank": node_rank}
-        name = mlflow_utils.registered_name(cfg.model, info.dataset, register_as)
+        identity = registry.data_identity(info, cfg.data_dir)
+        name = registry.registered_name(cfg.model, identity, register_as, mlflow_utils.client(uri))
         metrics, reg = _evaluate_and_register(
-            train_out, info, run_id, name if to_registry else None, timings, name, uri
+            train_out, info, run_id, name if to_registry else None, timings, name, uri, identity
         )
         mlflow_utils.end_run(run_id, uri=uri)
     except BaseException as exc:
@@ -335,12 +338,15 @@ def compare_architectures(
             try:
                 train_out = fut.result()
                 timings: dict[str, float] = {}
+                identity = registry.data_identity(info, cfg.data_dir)
                 name = (
-                    mlflow_utils.registered_name(cfg.model, info.dataset) if to_registry else None
+                    registry.registered_name(cfg.model, identity, None, mlflow_utils.client(uri))
+                    if to_registry
+                    else None
                 )
-                label = f"{cfg.model}-{info.dataset}"
+                label = f"{cfg.model}-{identity.name}"
                 metrics, reg = _evaluate_and_register(
-                    train_out, info, child, name, timings, label, uri
+                    train_out, info, child, name, timings, label, uri, identity
                 )
                 result = train_out["result"]
                 row.update(

@@ -258,13 +258,20 @@ class Registration:
     champion: bool
     reason: str
     reused: bool  # the run already had a version (a retried task): nothing new was registered
+    previous_champion: str | None = None  # the version that held `champion` before this call
+
+    @property
+    def champion_moved(self) -> bool:
+        """The alias now points at a different version than before (worth an event)."""
+        return self.champion and self.previous_champion != self.version
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "champion_moved": self.champion_moved}
 
 
 def registered_name(model: str, dataset: str, register_as: str | None = None) -> str:
-    """`<model>-<dataset>` unless the user named it."""
+    """`<model>-<dataset>` unless the user named it (image folders: see
+    `tasks.registry.registered_name`, which names them after the folder)."""
     return register_as or f"{model}-{dataset}"
 
 
@@ -288,49 +295,57 @@ def register_version(
     name: str,
     run_id: str,
     test_accuracy: float,
+    identity: Any = None,
     uri: str | None = None,
 ) -> Registration:
     """Register `model_uri` as a version of `name` (once per run) and move `champion` to it only
-    if its test accuracy beats the current champion's; the decision is a version tag."""
+    if it was evaluated on the same data as the current champion (`tasks.registry`) and its
+    test accuracy is higher; the decision is a version tag. `identity` is the
+    `tasks.registry.DataIdentity` of the training data."""
     import mlflow
     from mlflow.exceptions import MlflowException
+
+    from tasks import registry
 
     uri = resolve_tracking_uri(uri)
     mlflow.set_tracking_uri(uri)  # register_model uses the process default
     c = client(uri)
+    identity_tags = identity.tags() if identity is not None else {}
     with store_lock(uri):
         existing = c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
         reused = bool(existing)
         if reused:
             mv = sorted(existing, key=lambda v: int(v.version))[0]
         else:
-            mv = mlflow.register_model(
-                model_uri, name, tags={ACCURACY_TAG: f"{test_accuracy:.6f}", "run_id": run_id}
-            )
+            tags = {ACCURACY_TAG: f"{test_accuracy:.6f}", "run_id": run_id, **identity_tags}
+            mv = mlflow.register_model(model_uri, name, tags=tags)
+            rm_tags = c.get_registered_model(name).tags or {}
+            for key in (registry.NAME_TAG, registry.FOLDER_TAG, registry.SOURCE_TAG):
+                if key in identity_tags and key not in rm_tags:  # who owns this name
+                    c.set_registered_model_tag(name, key, identity_tags[key])
         try:
             current = c.get_model_version_by_alias(name, CHAMPION)
         except MlflowException:
             current = None
-        if current is not None and str(current.version) == str(mv.version):
-            champion = True
-            reason = (mv.tags or {}).get(DECISION_TAG) or "already the champion"
-        elif current is None:
-            champion = True
-            reason = f"first champion of {name}: test_accuracy {test_accuracy:.4f}"
-        else:
-            best = _version_accuracy(current, c)
-            champion = best is None or test_accuracy > best
-            cmp = "n/a" if best is None else f"{best:.4f}"
-            reason = (
-                f"test_accuracy {test_accuracy:.4f} beats champion v{current.version} ({cmp})"
-                if champion
-                else f"test_accuracy {test_accuracy:.4f} does not beat champion "
-                f"v{current.version} ({cmp}); alias unchanged"
+        if reused and current is not None and str(current.version) == str(mv.version):
+            decision = registry.ChampionDecision(
+                True, (mv.tags or {}).get(DECISION_TAG) or "already the champion"
             )
-        if champion:
+        else:
+            decision = registry.decide(
+                name=name,
+                version=str(mv.version),
+                accuracy=test_accuracy,
+                identity_tags=dict(mv.tags or {}) | identity_tags,
+                current_version=None if current is None else str(current.version),
+                current_tags=None if current is None else dict(current.tags or {}),
+                current_accuracy=None if current is None else _version_accuracy(current, c),
+            )
+        if decision.champion:
             c.set_registered_model_alias(name, CHAMPION, str(mv.version))
-        c.set_model_version_tag(name, str(mv.version), DECISION_TAG, reason)
-    return Registration(name, str(mv.version), champion, reason, reused)
+        c.set_model_version_tag(name, str(mv.version), DECISION_TAG, decision.reason)
+    previous = None if current is None else str(current.version)
+    return Registration(name, str(mv.version), decision.champion, decision.reason, reused, previous)
 
 
 # -------------------------------------------------------------------- model loading
