@@ -452,7 +452,13 @@ def list_recipes() -> list[str]:
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist; check the path")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:  # one line with file:line:column, not a parser traceback
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{where}: invalid YAML ({problem}); fix the file there") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
     return data
