@@ -1,9 +1,18 @@
 """The `cnnpipe` command line: one entry point for people (torchrun uses `python -m cnn.train`).
 
-Each sub-command imports what it needs lazily, so `cnnpipe models` stays fast and does not start
-Prefect or MLflow. Commands that run flows check their input first (model, dataset, data dir,
-`--set` overrides, model URIs, image files, MLflow reachability), so bad input fails in seconds
-with one line naming the problem, before Prefect starts and before anything reaches MLflow.
+Each sub-command imports what it needs lazily: `cnnpipe models`, `--help` and the plan step's
+bad-input errors import no torch, Prefect or MLflow (model metadata comes from
+`tasks/models_table.json`). Commands that run flows check everything checkable first (see
+`tasks/plan.py`), so bad input fails in seconds with exit code 2 and one line naming the problem,
+before Prefect starts and before anything is written. `predict` and `evaluate` run as plain
+functions unless a Prefect server is configured (PREFECT_API_URL) or `--flow` is given.
+
+Signals: Ctrl-C (SIGINT to the process group) and SIGTERM stop every training job of this
+process, start no further job, mark the MLflow run KILLED and exit 130/143 with one line. The
+embedded Prefect server runs in its own session (Ctrl-C does not reach it) and stops when this
+process dies, even by SIGKILL; a run left RUNNING by a killed cnnpipe is marked KILLED by the
+next `cnnpipe train`/`compare`. Exit is bounded: if Prefect's background services hang at
+interpreter exit, the process still ends within EXIT_GRACE_S.
 
 With `--json`, stdout carries exactly one JSON document; everything else (Prefect logs, the
 training job's output, MLflow messages, even output of child processes) goes to stderr.
@@ -17,11 +26,15 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 _T0 = time.time()  # process start (near enough): the "startup" stage is measured from here
+EXIT_GRACE_S = 8.0  # the longest the interpreter may take to exit after the command is done
+SIGNAL_GRACE_S = 4.0  # SIGTERM -> SIGKILL grace for training jobs when a signal arrives
+_EXITING = False  # set once the command returned: a signal then ends the process at once
 
 
 # -------------------------------------------------------------------- output plumbing
@@ -57,6 +70,38 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 
+# -------------------------------------------------------------------- processes and signals
+
+
+def _guard_prefect_server() -> None:
+    """Start Prefect's embedded API server (whenever Prefect starts one) in its own session, so
+    Ctrl-C in the terminal does not kill it before the flow reports its final state, under a
+    watchdog that stops it when this process dies (SIGKILL included)."""
+    import subprocess
+    import types
+
+    from prefect.server.api import server as server_module
+
+    from tasks.launch import watched_module_command
+
+    if getattr(server_module.subprocess, "_cnnpipe_guard", False):
+        return
+    real_popen = subprocess.Popen
+
+    def popen(args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
+        args = list(args)
+        if args[1:3] == ["-m", "uvicorn"]:
+            args = watched_module_command(args[0], "uvicorn", args[3:])
+            kwargs["start_new_session"] = True
+        return real_popen(args, **kwargs)
+
+    shim = types.ModuleType("subprocess")
+    shim.__dict__.update(subprocess.__dict__)
+    shim.Popen = popen  # type: ignore[attr-defined]
+    shim._cnnpipe_guard = True  # type: ignore[attr-defined]
+    server_module.subprocess = shim  # type: ignore[attr-defined]
+
+
 def _warm_prefect_api(enabled: bool = True) -> Callable[[], None]:
     """Start Prefect's embedded API server now, in the background, when no server is configured.
 
@@ -64,13 +109,13 @@ def _warm_prefect_api(enabled: bool = True) -> Callable[[], None]:
     while this process imports the flows and tasks overlaps the two. Prefect reuses the
     same (singleton) server for the flow run. Returns a function that waits for it. Only for
     the console script (`enabled`): in-process callers keep their own Prefect set-up."""
-    import threading
-
     if not enabled or os.environ.get("PREFECT_API_URL"):
         return lambda: None
     # Imported here, in the main thread: importing Prefect's server ORM in a thread while
     # MLflow's SQLAlchemy store configures all mappers races (half-defined Prefect models).
     from prefect.server.api.server import SubprocessASGIServer
+
+    _guard_prefect_server()
 
     def start() -> None:
         # A failure here resurfaces when the flow starts: Prefect then starts the server itself.
@@ -82,31 +127,113 @@ def _warm_prefect_api(enabled: bool = True) -> Callable[[], None]:
     return thread.join
 
 
-def _install_sigterm() -> None:
-    """SIGTERM (a process worker cancelling the run, `kill`, a scheduler) stops every training
-    job of this process before exiting. Prefect's own handler runs first during a flow and hands
-    the signal back to this one when it is done."""
+_WATCHDOG: list[threading.Timer] = []
+
+
+def _arm_exit_watchdog(code: int, seconds: float = EXIT_GRACE_S) -> None:
+    """End the process with `code` after `seconds`, whatever is still running: Prefect's
+    services drain logs and events at exit and can wait forever for a server that is gone."""
+    if _WATCHDOG:
+        return
+
+    def force() -> None:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+            sys.stdout.flush()
+        os._exit(code)
+
+    timer = threading.Timer(seconds, force)
+    timer.daemon = True
+    timer.start()
+    _WATCHDOG.append(timer)
+
+
+def _install_signal_handlers() -> None:
+    """SIGINT and SIGTERM (Ctrl-C, `kill`, a scheduler, a process worker cancelling the run)
+    stop every training job of this process and forbid new ones before the exception unwinds
+    the flow (which marks the MLflow run KILLED); the exit is bounded by a watchdog."""
     from tasks.launch import kill_all_jobs
 
-    def on_term(signum: int, frame: Any) -> None:
-        kill_all_jobs()
+    def on_signal(signum: int, frame: Any) -> None:
+        if _EXITING:  # the command is done; only interpreter exit is left: end now
+            os._exit(128 + signum)
+        _arm_exit_watchdog(128 + signum, EXIT_GRACE_S + SIGNAL_GRACE_S)
+        kill_all_jobs(SIGNAL_GRACE_S, stop=True)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise SystemExit(128 + signum)
 
-    with contextlib.suppress(ValueError):  # not in the main thread (tests): leave it
-        signal.signal(signal.SIGTERM, on_term)
+    with contextlib.suppress(ValueError):  # not in the main thread (tests): leave them
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+
+def _mark_orphaned_runs(uri: str) -> int:
+    """Runs left RUNNING by a cnnpipe process of this host that no longer exists (SIGKILL,
+    OOM) are marked KILLED with the reason as a tag. Returns how many."""
+    from tasks import mlflow_utils
+    from tasks.launch import owner_alive, process_tags
+
+    host = process_tags()["cnnpipe.host"]
+    c = mlflow_utils.client(uri)
+    exps = [e.experiment_id for e in c.search_experiments()]
+    if not exps:
+        return 0
+    runs = c.search_runs(
+        exps,
+        filter_string=f"attributes.status = 'RUNNING' and tags.`cnnpipe.host` = '{host}'",
+        max_results=500,
+    )
+    marked = 0
+    for r in runs:
+        if owner_alive(r.data.tags):
+            continue
+        pid = r.data.tags.get("cnnpipe.pid")
+        reason = f"orphaned: cnnpipe process {pid} on {host} ended without closing the run"
+        with contextlib.suppress(Exception):
+            c.set_tag(r.info.run_id, "failure_reason", reason)
+            c.set_terminated(r.info.run_id, "KILLED")
+            marked += 1
+            print(f"cnnpipe: run {r.info.run_id} marked KILLED ({reason})", file=sys.stderr)
+    return marked
+
+
+def _want_flow(args: argparse.Namespace) -> bool:
+    """predict/evaluate run as Prefect flows only when a server is configured or asked for."""
+    return bool(getattr(args, "flow", False) or os.environ.get("PREFECT_API_URL"))
+
+
+def _before_flow(args: argparse.Namespace) -> Callable[[], None]:
+    """Everything between a valid plan and the flow: MLflow reachable and usable (an
+    unreachable server fails now, not after training), orphaned runs closed, Prefect's API
+    warming up. Returns the wait for Prefect."""
+    from tasks.mlflow_utils import check_reachable, check_tracking
+
+    check_reachable()
+    uri = check_tracking()
+    with contextlib.suppress(Exception):  # housekeeping must never block a run
+        _mark_orphaned_runs(uri)
+    # Only now (valid input, MLflow ready): a warm-up started earlier competes for the GIL
+    # with the validation imports and slows bad-input errors down several-fold.
+    return _warm_prefect_api(args.warm)
 
 
 # -------------------------------------------------------------------- commands
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from cnn.models import format_models_table
+    from tasks.plan import format_models_table
 
     print(format_models_table(args.pattern))
     return 0
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
+    from tasks.plan import check_dataset, check_download
+
+    check_dataset(args.dataset, args.data_dir)
+    check_download(args.dataset, args.data_dir, args.cache_dir, val_fraction=args.val_fraction,
+                   seed=args.seed)  # fmt: skip
     from cnn.data import prepare_dataset
 
     with _stdout_to_stderr(args.json) as emit:
@@ -155,18 +282,22 @@ def _train_params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from tasks.mlflow_utils import check_reachable, check_tracking
-    from tasks.plan import plan_training
+    from cnn.config import parse_overrides
+    from tasks.plan import check_output_dir, check_tracking_destination, plan_training
 
     if args.recipe and args.config:
         raise ValueError("give --recipe NAME or --config FILE, not both")
-    from cnn.config import parse_overrides
-
+    if args.retries < 0:
+        raise ValueError(f"--retries {args.retries} must be >= 0")
     params = _train_params(args)
     shortcuts = ("epochs", "batch_size", "lr", "device", "pretrained", "freeze_backbone")
     overrides = {k: params[k] for k in shortcuts if params[k] is not None}
     with _stdout_to_stderr(args.json) as emit:
-        plan_training(  # bad input fails here, within seconds, with nothing written anywhere
+        check_output_dir(args.output_dir)
+        check_tracking_destination()
+        # Bad input fails here, within seconds, with nothing written anywhere. The flow's own
+        # plan_training call with the same arguments is answered from the plan's memo.
+        plan_training(
             **{k: params[k] for k in ("model", "dataset", "data_dir", "cache_dir", "recipe")},
             config_file=args.config,
             overrides={**parse_overrides(args.set), **overrides},
@@ -176,11 +307,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             rdzv_endpoint=args.rdzv_endpoint,
             max_restarts=args.max_restarts,
         )
-        check_reachable()  # an unreachable MLflow server fails now, not after training
-        check_tracking()
-        # Only now (valid input, MLflow ready): a warm-up started earlier competes for the GIL
-        # with the validation imports and slows bad-input errors down several-fold.
-        wait_for_prefect = _warm_prefect_api(args.warm)
+        wait_for_prefect = _before_flow(args)
         from flows.pipeline import train_pipeline
 
         wait_for_prefect()
@@ -199,14 +326,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _print_train_summary(r: dict[str, Any]) -> None:
     m = r["metrics"]
+    split = m["split"]
     lines = [
-        f"run {r['run_id']}: {m['split']} accuracy {m['test_accuracy']:.2%}, best val "
-        f"{m['val_accuracy']:.2%}, {r['images_per_s']:.0f} images/s",
+        f"run {r['run_id']}: {split} accuracy {m['test_accuracy']:.2%}, best val "
+        f"{m['val_accuracy']:.2%}, {r['images_per_s']:.0f} images/s"
+        + (" (no test split: the val split stands in for it)" if split == "val" else ""),
     ]
     if r.get("model_name"):
         crown = "champion" if r["champion"] else "not champion"
         lines.append(
             f"registered {r['model_name']} v{r['model_version']} ({crown}: {r['champion_reason']})"
+        )
+        lines.append(
+            f"model URI: {r.get('model_uri') or 'models:/' + r['model_name'] + '@champion'}"
         )
     lines.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["timings"].items()))
     print("\n".join(lines), flush=True)
@@ -214,8 +346,12 @@ def _print_train_summary(r: dict[str, Any]) -> None:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from cnn.config import parse_overrides
-    from flows.pipeline import _markdown_table, _models_list, plan_comparison
-    from tasks.mlflow_utils import check_reachable, check_tracking
+    from tasks.plan import (
+        check_model_name,
+        check_output_dir,
+        check_tracking_destination,
+        plan_training,
+    )
 
     shortcuts = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                  "device": args.device}  # fmt: skip
@@ -232,15 +368,23 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ValueError(f"--max-concurrent {args.max_concurrent} must be >= 1")
     with _stdout_to_stderr(args.json) as emit:
-        plan_comparison(_models_list(args.models), args.dataset, **params)
-        check_reachable()
-        check_tracking()
-        wait_for_prefect = _warm_prefect_api(args.warm)
-        from flows.pipeline import compare_architectures
+        check_output_dir(args.output_dir)
+        check_tracking_destination()
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        if not models:
+            raise ValueError("--models is empty; give e.g. lenet5,resnet18_cifar")
+        if len(set(models)) != len(models):
+            raise ValueError(f"--models lists a name twice: {models}")
+        for name in models:  # every name first: a typo in the 3rd model is named
+            check_model_name(name)  # before the 1st model's data is checked
+        for name in models:  # as the flow's plan_comparison (answered from the plan's memo)
+            plan_training(model=name, dataset=args.dataset, **params)
+        wait_for_prefect = _before_flow(args)
+        from flows.pipeline import _markdown_table, compare_architectures
 
         wait_for_prefect()
         result = compare_architectures(
-            models=_models_list(args.models),
+            models=models,
             dataset=args.dataset,
             max_concurrent=args.max_concurrent,
             to_registry=args.register,
@@ -257,51 +401,76 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from flows.predict import load_classifier
-    from tasks.plan import check_dataset
+    from flows.predict import SPLITS, check_model_uri, load_classifier
+    from tasks.plan import check_dataset, split_available
 
-    if args.split not in ("train", "val", "test"):
+    if args.split is not None and args.split not in SPLITS:
         raise ValueError(f"--split {args.split!r} is not valid; choose train, val or test")
+    check_model_uri(args.model_uri)
     check_dataset(args.dataset, args.data_dir)
+    if args.split is None:  # the default: test, or val (said so) when there is no test split
+        try:
+            split_available(args.dataset, args.data_dir, "test")
+            args.split = "test"
+        except ValueError:
+            args.split = "val"
+            print(f"note: {args.data_dir} has no test split; evaluating on its val split",
+                  file=sys.stderr)  # fmt: skip
+    split_available(args.dataset, args.data_dir, args.split)
     with _stdout_to_stderr(args.json) as emit:
-        load_classifier(args.model_uri)  # a URI that names nothing fails before Prefect starts
-        from flows.predict import evaluate_model
+        model = load_classifier(args.model_uri)  # a URI that names nothing fails here
+        kwargs = {
+            "model_uri": args.model_uri,
+            "dataset": args.dataset,
+            "data_dir": args.data_dir,
+            "cache_dir": args.cache_dir,
+            "split": args.split,
+        }
+        if _want_flow(args):
+            if not os.environ.get("PREFECT_API_URL"):
+                _guard_prefect_server()
+            from flows.predict import evaluate_model
 
-        result = evaluate_model(
-            model_uri=args.model_uri,
-            dataset=args.dataset,
-            data_dir=args.data_dir,
-            cache_dir=args.cache_dir,
-            split=args.split,
-        )
+            result = evaluate_model(**kwargs)
+        else:
+            from flows.predict import evaluate
+
+            result = evaluate(**kwargs, model=model)
         if args.json:
             emit(result)
         else:
             m = result["metrics"]
-            print(f"{args.model_uri} on {args.dataset}/{args.split}: accuracy {m['accuracy']:.2%}")
+            print(f"{args.model_uri} on {args.dataset}/{result['split']}: "
+                  f"accuracy {m['accuracy']:.2%}")  # fmt: skip
             for c, a in m["per_class_accuracy"].items():
                 print(f"  {c:<20} {'-' if a is None else f'{a:.2%}'}")
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from cnn.export import expand_image_paths
-    from flows.predict import load_classifier, load_images
+    from flows.predict import check_model_uri, load_classifier, load_images
 
     if args.topk < 1:
         raise ValueError(f"--topk {args.topk} must be >= 1")
+    check_model_uri(args.model_uri, args.pretrained)
+    from cnn.export import expand_image_paths
+
     paths = expand_image_paths(args.images)
     load_images(paths, 3)  # a file that is not an image fails now, before any model loads
     with _stdout_to_stderr(args.json) as emit:
-        load_classifier(args.model_uri, args.pretrained)  # so does a URI that names nothing
-        from flows.predict import batch_predict
+        model = load_classifier(args.model_uri, args.pretrained)  # a URI that names nothing
+        kwargs = {"model_uri": args.model_uri, "inputs": [str(p) for p in paths],
+                  "topk": args.topk, "pretrained": args.pretrained}  # fmt: skip
+        if _want_flow(args):
+            if not os.environ.get("PREFECT_API_URL"):
+                _guard_prefect_server()
+            from flows.predict import batch_predict
 
-        result = batch_predict(
-            model_uri=args.model_uri,
-            inputs=[str(p) for p in paths],
-            topk=args.topk,
-            pretrained=args.pretrained,
-        )
+            result = batch_predict(**kwargs)
+        else:
+            from flows.predict import predict
+
+            result = predict(**kwargs, model=model)
         if args.json:
             emit(result)
         else:
@@ -396,8 +565,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True)
     p.add_argument("--data-dir", default="data")
     p.add_argument("--cache-dir", default=None)
-    p.add_argument("--split", default="test")
+    p.add_argument(
+        "--split", default=None, help="train, val or test (default: test, or val when the "
+        "data has no test split)"
+    )  # fmt: skip
     p.add_argument("--json", action="store_true")
+    p.add_argument("--flow", action="store_true", help="run as a Prefect flow (default: only "
+                   "when PREFECT_API_URL is set)")  # fmt: skip
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="class names and probabilities for images")
@@ -406,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--pretrained", default=None, help="weights file for torchvision:NAME")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--flow", action="store_true", help="run as a Prefect flow (default: only "
+                   "when PREFECT_API_URL is set)")  # fmt: skip
     p.set_defaults(func=_cmd_predict)
 
     try:  # `cnnpipe deploy` lives in flows/deploy.py; the CLI works without it
@@ -417,33 +593,68 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The console script. Called with `argv` (tests, other Python code) it leaves the
-    process's signal handlers alone."""
-    args = build_parser().parse_args(argv)
-    if args.command in ("train", "compare", "evaluate", "predict", "deploy"):
-        _prefect_env()
-        if argv is None:
-            _install_sigterm()
-    args.warm = argv is None  # console script: start Prefect's embedded API early
-    from tasks.launch import TrainingJobError
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line: its message's lines joined (the CLI prints no traceback)."""
+    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    return " ".join(line.strip() for line in str(msg).splitlines() if line.strip())
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tasks.launch import JobCancelledError, TrainingJobError
     from tasks.mlflow_utils import TrackingUnavailableError
 
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, KeyError, TrackingUnavailableError) as exc:
         # Bad input: one clear line, non-zero exit, no traceback.
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"cnnpipe {args.command}: error: {msg}", file=sys.stderr)
+        print(f"cnnpipe {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except (TrainingJobError, OSError) as exc:
-        # A failed job or I/O (a download that kept failing, a full disk): one line, no
-        # traceback; the message names the file or URL.
-        print(f"cnnpipe {args.command}: error: {exc}", file=sys.stderr)
+        # A failed job (its own exception, type and rank) or I/O (a download that cannot
+        # start, a full disk): one line, no traceback; the message names the file or URL.
+        print(f"cnnpipe {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"cnnpipe {args.command}: interrupted", file=sys.stderr)
+    except (KeyboardInterrupt, JobCancelledError):
+        print(f"cnnpipe {args.command}: interrupted; training jobs stopped, MLflow run marked "
+              "KILLED", file=sys.stderr)  # fmt: skip
         return 130
+    except SystemExit as exc:
+        if exc.code in (128 + signal.SIGTERM, 128 + signal.SIGINT):
+            print(f"cnnpipe {args.command}: terminated (signal {exc.code - 128}); training "
+                  "jobs stopped, MLflow run marked KILLED", file=sys.stderr)  # fmt: skip
+            return int(exc.code)
+        raise
+    except BaseException as exc:
+        # Prefect's TerminationSignal (SIGTERM during a flow) and the like.
+        if type(exc).__name__ == "TerminationSignal":
+            print(f"cnnpipe {args.command}: terminated; training jobs stopped, MLflow run "
+                  "marked KILLED", file=sys.stderr)  # fmt: skip
+            return 143
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console script. Called with `argv` (tests, other Python code) it leaves the
+    process's signal handlers and exit alone."""
+    global _EXITING
+    args = build_parser().parse_args(argv)
+    console = argv is None
+    if args.command in ("train", "compare", "evaluate", "predict", "deploy"):
+        _prefect_env()
+        if console:
+            _install_signal_handlers()
+    args.warm = console  # console script: start Prefect's embedded API early
+    code = 1
+    try:
+        code = _run(args)
+        return code
+    finally:
+        if console:
+            _EXITING = True
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            _arm_exit_watchdog(code)
 
 
 if __name__ == "__main__":

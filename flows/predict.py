@@ -1,5 +1,11 @@
-"""Prefect flows for registered models: `evaluate_model` (metrics of a model URI on a dataset
-split) and `batch_predict` (class names and probabilities for image files).
+"""Registered models at work: `evaluate` (metrics of a model URI on a dataset split) and `predict`
+(class names and probabilities for image files), as plain functions, plus the Prefect flows
+`evaluate_model` / `batch_predict` that wrap them.
+
+Why both: `cnnpipe predict` on one image must not wait for Prefect (importing it and booting its
+embedded API cost more than the prediction), so the CLI calls the plain functions unless a
+Prefect server is configured (PREFECT_API_URL) or `--flow` is given. The flows are built on
+first use (module `__getattr__`), so importing this module does not import Prefect.
 
 Model URIs: anything MLflow resolves (`models:/NAME@champion`, `models:/NAME/3`,
 `runs:/RUN_ID/model`, `models:/m-...`), or `torchvision:NAME` for a pretrained torchvision
@@ -8,23 +14,20 @@ ImageNet model (weights from `pretrained`, a local state-dict file, or the torch
 
 from __future__ import annotations
 
+import functools
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
-
-from cnn.export import ImageClassifier, expand_image_paths, from_torchvision, load_image
-from tasks import mlflow_utils
-from tasks.evaluate import artifact_key, evaluate_split
-
 TORCHVISION_SCHEME = "torchvision:"
+SPLITS = ("train", "val", "test")
 
 
-def load_classifier(model_uri: str, pretrained: str | None = None) -> ImageClassifier:
-    """The self-contained classifier behind `model_uri` (ValueError naming a bad URI)."""
+def check_model_uri(model_uri: str, pretrained: str | None = None) -> None:
+    """The URI's form (no import, no I/O), so a typo fails before anything loads."""
     if model_uri.startswith(TORCHVISION_SCHEME):
-        return from_torchvision(model_uri.removeprefix(TORCHVISION_SCHEME), pretrained)
+        return
     if pretrained:
         raise ValueError(
             "--pretrained applies to torchvision:NAME model URIs only; an MLflow model carries "
@@ -35,45 +38,70 @@ def load_classifier(model_uri: str, pretrained: str | None = None) -> ImageClass
             f"model URI {model_uri!r} is not a URI; use models:/NAME@champion, "
             "models:/NAME/VERSION, runs:/RUN_ID/model or torchvision:NAME"
         )
+
+
+def load_classifier(model_uri: str, pretrained: str | None = None) -> Any:
+    """The self-contained `ImageClassifier` behind `model_uri` (ValueError naming a bad URI)."""
+    check_model_uri(model_uri, pretrained)
+    if model_uri.startswith(TORCHVISION_SCHEME):
+        from cnn.export import from_torchvision
+
+        return from_torchvision(model_uri.removeprefix(TORCHVISION_SCHEME), pretrained)
+    from tasks import mlflow_utils
+
     mlflow_utils.check_tracking(create=False)
     return mlflow_utils.load_model(model_uri)
 
 
 def load_images(paths: list[Path], channels: int) -> list[Any]:
     """Decode every image first, so a bad file fails the run before any prediction."""
+    from cnn.export import load_image
+
     return [load_image(p, channels) for p in paths]
 
 
-@flow(name="evaluate-model")
-def evaluate_model(
+def _artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:100] or "artifact"
+
+
+def evaluate(
     model_uri: str,
     dataset: str,
     data_dir: str | None = None,
     cache_dir: str | None = None,
     split: str = "test",
     batch_size: int = 256,
+    model: Any = None,
 ) -> dict[str, Any]:
     """Accuracy and per-class accuracy of `model_uri` on a prepared dataset split, computed by
-    the model itself from raw uint8 images (its own resize and normalization)."""
-    from cnn.data import load_prepared
-    from tasks.plan import check_dataset
-    from tasks.prepare import prepare_dataset
+    the model itself from raw uint8 images (its own resize and normalization). `split` in the
+    result is the true one: a folder without test/ has no test split to evaluate on."""
+    from tasks.plan import check_dataset, split_available
 
-    logger = get_run_logger()
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split {split!r} is not valid; choose train, val or test")
+    if split not in SPLITS:
+        raise ValueError(f"--split {split!r} is not valid; choose train, val or test")
     data_dir = data_dir or "data"
     check_dataset(dataset, data_dir)
-    model = load_classifier(model_uri)
+    split_available(dataset, data_dir, split)
+    model = model if model is not None else load_classifier(model_uri)
+    from cnn.data import load_prepared, prepare_dataset
+    from tasks.evaluate import evaluate_split
+
     info = prepare_dataset(
         dataset,
-        data_dir,
-        cache_dir,
+        data_dir=data_dir,
+        cache_dir=cache_dir,
         # The split must be the one the model was trained with: same holdout fraction and seed.
         resolution=model.info.get("resolution"),
         val_fraction=model.info.get("val_fraction") or 0.1,
         seed=model.info.get("seed") or 0,
     )
+    if split == "test" and info.test_is_val:
+        raise ValueError(
+            f"{dataset} at {data_dir} has no test split (its 'test' is the validation split); "
+            "use --split val"
+        )
     if list(info.classes) != list(model.classes):
         raise ValueError(
             f"{model_uri} was trained on classes {model.classes[:10]} but {dataset} at "
@@ -81,14 +109,9 @@ def evaluate_model(
         )
     images, labels = load_prepared(info.path).split(split)
     metrics = evaluate_split(model, images, labels, batch_size=batch_size)
-    logger.info("%s on %s/%s: accuracy %.4f", model_uri, dataset, split, metrics["accuracy"])
-    create_table_artifact(
-        [{"class": c, "accuracy": a} for c, a in metrics["per_class_accuracy"].items()],
-        key=artifact_key("evaluate", dataset, split),
-        description=f"{model_uri} on {dataset}/{split}: accuracy {metrics['accuracy']:.2%}",
-    )
     return {
         "model_uri": model_uri,
+        "dataset": dataset,
         "split": split,
         "metrics": {
             "accuracy": metrics["accuracy"],
@@ -100,15 +123,20 @@ def evaluate_model(
     }
 
 
-@flow(name="batch-predict")
-def batch_predict(
-    model_uri: str, inputs: list[str], topk: int = 5, pretrained: str | None = None
+def predict(
+    model_uri: str,
+    inputs: list[str],
+    topk: int = 5,
+    pretrained: str | None = None,
+    model: Any = None,
 ) -> list[dict[str, Any]]:
     """Top-k class names and probabilities for each image (files, or folders of images)."""
+    from cnn.export import expand_image_paths
+
     if topk < 1:
-        raise ValueError(f"topk={topk} must be >= 1")
+        raise ValueError(f"--topk {topk} must be >= 1")
     paths = expand_image_paths(inputs)
-    model = load_classifier(model_uri, pretrained)
+    model = model if model is not None else load_classifier(model_uri, pretrained)
     images = load_images(paths, model.in_channels)
     out = []
     for path, img in zip(paths, images, strict=True):
@@ -116,5 +144,49 @@ def batch_predict(
         out.append(
             {"path": str(path), "predictions": [{"label": l, "probability": p} for l, p in top]}
         )
-    get_run_logger().info("predicted %d image(s) with %s", len(out), model_uri)
     return out
+
+
+@functools.cache
+def _flows() -> dict[str, Callable[..., Any]]:
+    """The Prefect flows, built on first use (importing Prefect costs seconds)."""
+    from prefect import flow, get_run_logger
+    from prefect.artifacts import create_table_artifact
+
+    @flow(name="evaluate-model")
+    def evaluate_model(
+        model_uri: str,
+        dataset: str,
+        data_dir: str | None = None,
+        cache_dir: str | None = None,
+        split: str = "test",
+        batch_size: int = 256,
+    ) -> dict[str, Any]:
+        """`evaluate` as a flow, with the per-class table as a Prefect artifact."""
+        result = evaluate(model_uri, dataset, data_dir, cache_dir, split, batch_size)
+        acc = result["metrics"]["accuracy"]
+        get_run_logger().info("%s on %s/%s: accuracy %.4f", model_uri, dataset, split, acc)
+        create_table_artifact(
+            [{"class": c, "accuracy": a}
+             for c, a in result["metrics"]["per_class_accuracy"].items()],
+            key=_artifact_key("evaluate", dataset, split),
+            description=f"{model_uri} on {dataset}/{split}: accuracy {acc:.2%}",
+        )  # fmt: skip
+        return result
+
+    @flow(name="batch-predict")
+    def batch_predict(
+        model_uri: str, inputs: list[str], topk: int = 5, pretrained: str | None = None
+    ) -> list[dict[str, Any]]:
+        """`predict` as a flow."""
+        out = predict(model_uri, inputs, topk, pretrained)
+        get_run_logger().info("predicted %d image(s) with %s", len(out), model_uri)
+        return out
+
+    return {"evaluate_model": evaluate_model, "batch_predict": batch_predict}
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("evaluate_model", "batch_predict"):
+        return _flows()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,20 +5,15 @@ of raw test images, which also checks that the model MLflow will hold predicts c
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NONE
+if TYPE_CHECKING:
+    import torch
 
-from cnn.data import load_prepared
-from cnn.evaluate import evaluate
-from cnn.export import ImageClassifier, from_checkpoint
-from tasks import mlflow_utils, plots
-from tasks.common import retry_on_io_error
+    from cnn.export import ImageClassifier
 
 
 def artifact_key(*parts: str) -> str:
@@ -39,6 +34,8 @@ def evaluate_split(
 ) -> dict[str, Any]:
     """Metrics of a self-contained classifier on uint8 images: the engine's exact evaluation
     (`cnn.evaluate.evaluate`) fed raw batches, with the model's own preprocessing."""
+    from cnn.evaluate import evaluate
+
     previous, model.output = model.output, "logits"
     try:
         batches = (
@@ -70,14 +67,7 @@ def _per_class_rows(
     ]
 
 
-@task(
-    name="evaluate-model",
-    cache_policy=NONE,
-    retries=2,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_on_io_error,
-)
-def evaluate_model(
+def log_evaluation(
     train_out: dict[str, Any],
     prepared_path: str,
     run_id: str | None,
@@ -88,6 +78,13 @@ def evaluate_model(
     """Log the confusion matrix, the per-class table and a sample-prediction grid to the MLflow
     run; publish Prefect table + markdown artifacts (keyed by `label`, e.g. lenet5-cifar10, so
     each model's latest evaluation sits under one key); return the metrics."""
+    from prefect import get_run_logger
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from cnn.data import load_prepared
+    from cnn.export import from_checkpoint
+    from tasks import mlflow_utils, plots
+
     logger = get_run_logger()
     result = train_out["result"]
     classes, test = list(result["classes"]), result["test"]
@@ -118,7 +115,7 @@ def evaluate_model(
         )
         mlflow_utils.log_metrics(
             run_id,
-            {f"test_accuracy/{metric_name(c)}": a for c, a in per_class.items()}
+            {f"{split}_accuracy/{metric_name(c)}": a for c, a in per_class.items()}
             | {"sample_grid_accuracy": right / max(len(idx), 1)},
             uri=tracking_uri,
         )
@@ -147,3 +144,27 @@ def evaluate_model(
         "per_class_accuracy": per_class,
         "params": sum(p.numel() for p in model.model.parameters()),
     }
+
+
+@functools.cache
+def _task() -> Any:
+    """The Prefect task around `log_evaluation`, built on first use: importing this module
+    (for `evaluate_split`) must not import Prefect."""
+    from prefect import task
+    from prefect.cache_policies import NONE
+
+    from tasks.common import retry_on_io_error
+
+    return task(
+        name="evaluate-model",
+        cache_policy=NONE,
+        retries=2,
+        retry_delay_seconds=2,
+        retry_condition_fn=retry_on_io_error,
+    )(log_evaluation)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "evaluate_model":
+        return _task()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

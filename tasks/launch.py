@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -36,14 +37,77 @@ _PDEATHSIG_EXEC = (
 )
 
 
+# Exceptions that a retry cannot fix: the input or the config is wrong (the engine's
+# non-finite-loss error is a FloatingPointError). Crashes (a signal, no Python exception) and
+# I/O errors are retried.
+DETERMINISTIC_ERRORS = frozenset(
+    {"ValueError", "FileNotFoundError", "FloatingPointError", "KeyError", "TypeError",
+     "IsADirectoryError", "NotADirectoryError", "PermissionError", "ChecksumError",
+     "UnsafeArchiveError", "ModuleNotFoundError", "ImportError", "SyntaxError"}
+)  # fmt: skip
+_RANK_PREFIX = re.compile(r"^\[(?:rank|default)(\d+)\]:\s?")
+_EXC_LINE = re.compile(
+    r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit|Warning))(?::\s?(.*))?$"
+)
+_ROOT_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")
+
+
+def parse_job_exception(lines: Sequence[str]) -> tuple[str, str, int | None] | None:
+    """(exception type, first message line, rank) of the first Python exception a worker
+    printed, or None. Worker lines carry torchrun's `[rankN]: ` prefix once the process group
+    is up; torchrun's own ChildFailedError traceback and summary are skipped."""
+    in_tb: dict[int | None, bool] = {}
+    found: tuple[str, str, int | None] | None = None
+    root_rank: int | None = None
+    in_root = False
+    for raw in lines:
+        m = _RANK_PREFIX.match(raw)
+        rank = int(m.group(1)) if m else None
+        line = raw[m.end() :] if m else raw
+        if line.startswith("Root Cause"):
+            in_root = True
+        elif in_root and root_rank is None and (r := _ROOT_RANK.match(line)):
+            root_rank = int(r.group(1))
+        if line.startswith("Traceback (most recent call last)"):
+            in_tb[rank] = True
+            continue
+        if not in_tb.get(rank) or line.startswith((" ", "\t")):
+            continue
+        in_tb[rank] = False
+        e = _EXC_LINE.match(line.strip())
+        if e and not e.group(1).endswith("ChildFailedError") and found is None:
+            found = (e.group(1).rsplit(".", 1)[-1], (e.group(2) or "").strip(), rank)
+    if found is not None and found[2] is None and root_rank is not None:
+        found = (found[0], found[1], root_rank)
+    return found
+
+
 class TrainingJobError(RuntimeError):
-    """The training job exited non-zero (its last output lines are in the message)."""
+    """The training job exited non-zero. The message is ONE line: the job's own exception
+    (type, message, rank) when it printed one, else the exit code and its last output line;
+    `tail` keeps the last lines for the logs."""
 
     def __init__(self, returncode: int, tail: Sequence[str]) -> None:
         self.returncode = returncode
         self.tail = list(tail)
-        last = "\n".join(self.tail[-15:])
-        super().__init__(f"training job failed with exit code {returncode}; last output:\n{last}")
+        parsed = parse_job_exception(self.tail)
+        self.exc_type, self.exc_message, self.rank = parsed if parsed else (None, None, None)
+        if parsed:
+            on = f" on rank {self.rank}" if self.rank is not None else ""
+            msg = f"training job failed{on}: {self.exc_type}: {self.exc_message}"
+        else:
+            last = next((ln.strip() for ln in reversed(self.tail) if ln.strip()), "")
+            msg = f"training job failed with exit code {returncode}; last output: {last}"
+        super().__init__(msg)
+
+    @property
+    def deterministic(self) -> bool:
+        """True when a retry would fail the same way (bad input, non-finite loss)."""
+        return self.exc_type in DETERMINISTIC_ERRORS
+
+
+class JobCancelledError(RuntimeError):
+    """A job was not started because this process is stopping (a signal arrived)."""
 
 
 @dataclass(frozen=True)
@@ -199,14 +263,26 @@ _LIVE: dict[int, subprocess.Popen[str]] = {}
 _LIVE_LOCK = threading.Lock()
 
 
-def kill_all_jobs(grace: float = 10.0) -> int:
-    """Stop every job started by `run_job` in this process; returns how many were running."""
+_STOPPING = threading.Event()
+
+
+def kill_all_jobs(grace: float = 10.0, stop: bool = False) -> int:
+    """Stop every job started by `run_job` in this process; returns how many were running.
+    With `stop`, no further job starts in this process (a signal: `compare` must not go on to
+    the next model)."""
+    if stop:
+        _STOPPING.set()
     with _LIVE_LOCK:
         procs = list(_LIVE.values())
     for proc in procs:
         if proc.poll() is None:
             kill_tree(proc.pid, grace)
     return len(procs)
+
+
+def stopping() -> bool:
+    """True once a signal asked this process to stop (see `kill_all_jobs(stop=True)`)."""
+    return _STOPPING.is_set()
 
 
 atexit.register(kill_all_jobs, 5.0)
@@ -230,11 +306,13 @@ def run_job(
     env: dict[str, str] | None = None,
     cwd: str | Path | None = None,
     grace: float = 10.0,
-    tail_lines: int = 40,
+    tail_lines: int = 200,
 ) -> int:
     """Run `cmd` in its own session, pass each output line (stdout+stderr) to `on_line`, and
     return its exit code (0), or raise TrainingJobError. On any exception here (a Prefect
     cancellation, KeyboardInterrupt, a timeout) the whole process tree is stopped first."""
+    if _STOPPING.is_set():
+        raise JobCancelledError("not started: this process is stopping (interrupted)")
     full = [sys.executable, "-c", _PDEATHSIG_EXEC, str(os.getpid()), *cmd]
     if not sys.platform.startswith("linux"):
         full = list(cmd)
@@ -252,6 +330,8 @@ def run_job(
     )
     tail: list[str] = []
     with _registered(proc):
+        if _STOPPING.is_set():  # a signal arrived while it started: stop it at once
+            kill_tree(proc.pid, grace)
         try:
             assert proc.stdout is not None
             for raw in proc.stdout:
@@ -270,6 +350,72 @@ def run_job(
     if returncode != 0:
         raise TrainingJobError(returncode, tail)
     return returncode
+
+
+# -------------------------------------------------------------------- process identity
+
+
+def _start_ticks(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), '' elsewhere: with the pid
+    it identifies a process even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[19].decode()
+    except (OSError, IndexError):
+        return ""
+
+
+def process_tags() -> dict[str, str]:
+    """MLflow tags naming the process that owns a run, so a later cnnpipe can tell that the
+    owner died without closing it (SIGKILL, OOM) and mark the run KILLED."""
+    import socket
+
+    return {
+        "cnnpipe.host": socket.gethostname(),
+        "cnnpipe.pid": str(os.getpid()),
+        "cnnpipe.pid_start": _start_ticks(os.getpid()),
+    }
+
+
+def owner_alive(tags: dict[str, str]) -> bool:
+    """Whether the process named by `process_tags()` still runs (True when unknown)."""
+    import socket
+
+    if (
+        tags.get("cnnpipe.host") != socket.gethostname()
+        or not tags.get("cnnpipe.pid", "").isdigit()
+    ):
+        return True  # another machine's run, or not ours: leave it
+    pid = int(tags["cnnpipe.pid"])
+    if not _alive(pid):
+        return False
+    start = tags.get("cnnpipe.pid_start", "")
+    return not start or _start_ticks(pid) in ("", start)
+
+
+# Runs a Python module (`-m NAME ARGS...`) with a watchdog thread: when the launching process
+# dies (SIGKILL included), the module's process is stopped (SIGTERM, then exit). Used for the
+# embedded Prefect server, which runs in its own session (so Ctrl-C in the terminal does not
+# kill it before the flow reports its final state) and must still never outlive cnnpipe.
+PARENT_WATCH_EXEC = (
+    "import os, runpy, signal, sys, threading, time\n"
+    "parent = int(sys.argv[1])\n"
+    "def watch():\n"
+    "    while os.getppid() == parent:\n"
+    "        time.sleep(0.2)\n"
+    "    os.kill(os.getpid(), signal.SIGTERM)\n"
+    "    time.sleep(3)\n"
+    "    os._exit(143)\n"
+    "threading.Thread(target=watch, daemon=True).start()\n"
+    "module = sys.argv[3]\n"
+    "sys.argv = [module, *sys.argv[4:]]\n"
+    "runpy.run_module(module, run_name='__main__', alter_sys=True)\n"
+)
+
+
+def watched_module_command(python: str, module: str, args: Sequence[str]) -> list[str]:
+    """`python -m module args...` that stops when this process dies (see PARENT_WATCH_EXEC)."""
+    return [python, "-c", PARENT_WATCH_EXEC, str(os.getpid()), "-m", module, *args]
 
 
 # -------------------------------------------------------------------- concurrency slots

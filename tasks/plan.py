@@ -1,36 +1,512 @@
 """Turn pipeline arguments into a validated TrainConfig and LaunchSpec, before anything starts.
 
-No prefect or mlflow here: the CLI calls this first, so bad input (unknown model or dataset, a
-missing data dir, a bad `key=value`) fails within a second, before Prefect's API starts and
-before anything is written to MLflow. The flows call it again (deployments skip the CLI).
+No prefect or mlflow here: the CLI calls this first, so bad input fails within seconds, before
+Prefect's API starts and before anything is written anywhere. Two stages:
+
+1. Torch-free checks (names, values, folders, class counts, batch size against the training
+   split, output dir, MLflow SQLite folder). Model names and their metadata come from
+   `tasks/models_table.json`, a table kept in step with the registry by a test, so a typo
+   fails before `import torch` (which alone takes seconds).
+2. Checks that need torch: the device, a pretrained file (exists, loads with
+   `weights_only=True`, fits the architecture), a pretrained weights name (in the torch hub
+   cache, or its host reachable), a dataset download (its host reachable, else the offline
+   route).
+
+The flow calls `plan_training` again (deployments skip the CLI); within one process the second
+call with the same arguments is answered from a memo, so validation is not done twice.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import difflib
+import fnmatch
+import functools
+import json
+import os
+import socket
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
-from cnn.config import TrainConfig, parse_overrides, resolve_config
+from cnn.config import RECIPES_DIR, TrainConfig, find_recipe, parse_overrides, resolve_config
 from tasks.launch import LaunchSpec
 
 Overrides = Iterable[str] | dict[str, Any] | None
 
+MODELS_TABLE = Path(__file__).with_name("models_table.json")
+# Training-split sizes of the downloadable datasets (before the validation hold-out).
+_TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "mnist": 60_000, "fashion-mnist": 60_000}
+OFFLINE_ROUTE = (
+    "offline, train on a local folder instead: --dataset imagefolder --data-dir DIR (DIR holds "
+    "train/<class>/<image> and val/ or test/; see README 'Offline')"
+)
+
+
+class DownloadUnavailableError(ConnectionError):
+    """A download the run needs cannot start (the host does not resolve): fail now, no retry."""
+
+
+# -------------------------------------------------------------------- the models table
+
+
+@functools.cache
+def models_table() -> dict[str, Any]:
+    """`tasks/models_table.json`: models (name -> metadata), datasets, image extensions."""
+    return json.loads(MODELS_TABLE.read_text())
+
+
+def build_models_table() -> dict[str, Any]:
+    """The table from the live registry (imports torch); `python -m tasks.plan` rewrites it."""
+    import torchvision.models as tvm
+
+    from cnn.data.sources import DATASETS, IMAGE_EXTENSIONS, SOURCES
+    from cnn.models import list_models, model_info
+
+    models: dict[str, Any] = {}
+    for name in list_models():
+        i = model_info(name)
+        row: dict[str, Any] = {
+            "family": i.family,
+            "params": i.params,
+            "input_size": i.input_size,
+            "resize_size": i.resize_size,
+            "min_input_size": i.min_input_size,
+            "source": i.source,
+            "weights": list(i.weights),
+        }
+        if i.weights:
+            enum = tvm.get_model_weights(name)
+            row["default_weights"] = enum.DEFAULT.name
+            row["weights_urls"] = {w: enum[w].url for w in i.weights}
+        models[name] = row
+    datasets = {
+        name: {
+            "files": [
+                {"filename": f.filename, "md5": f.md5, "urls": list(f.urls)} for f in spec.files
+            ]
+        }  # fmt: skip
+        for name, spec in SOURCES.items()
+    }
+    return {
+        "models": models,
+        "datasets": list(DATASETS),
+        "sources": datasets,
+        "image_extensions": list(IMAGE_EXTENSIONS),
+    }
+
+
+def list_model_names(pattern: str | None = None) -> list[str]:
+    names = sorted(models_table()["models"])
+    return names if pattern is None else [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+
+
+def format_models_table(pattern: str | None = None) -> str:
+    """The text behind `cnnpipe models [PATTERN]`, from the table (no torch import)."""
+    names = list_model_names(pattern)
+    if not names:
+        return f"no model matches {pattern!r}; try `cnnpipe models` to list all"
+    table = models_table()["models"]
+    header = ("name", "family", "params", "input", "min", "pretrained", "source")
+    rows = [header]
+    for n in names:
+        i = table[n]
+        pretrained = "yes" if i["weights"] else "no"
+        rows.append(
+            (n, i["family"], f"{i['params']:,}", str(i["input_size"]), str(i["min_input_size"]),
+             pretrained, i["source"])
+        )  # fmt: skip
+    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+    right = {2, 3, 4}
+    lines = [
+        "  ".join(
+            cell.rjust(w) if c in right else cell.ljust(w)
+            for c, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"{len(names)} models")
+    return "\n".join(lines)
+
+
+def check_model_name(name: str) -> dict[str, Any]:
+    """The table row of `name`, or the registry's own ValueError wording (closest names)."""
+    table = models_table()["models"]
+    if name in table:
+        return table[name]
+    names = sorted(table)
+    close = difflib.get_close_matches(str(name), names, n=5, cutoff=0.5)
+    hint = f"closest names: {', '.join(close)}" if close else "no close names"
+    raise ValueError(
+        f"unknown model {name!r}; {hint}. Run `cnnpipe models` (or list_models()) to see all "
+        f"{len(names)} names."
+    )
+
+
+def _dataset_key(name: str) -> str:
+    key = name.lower().replace("_", "-")
+    return {"fashionmnist": "fashion-mnist"}.get(key, key)
+
+
+def check_dataset_name(name: str) -> str:
+    """The canonical dataset name, or a ValueError listing the valid ones."""
+    names = models_table()["datasets"]
+    key = _dataset_key(name)
+    if key not in names:
+        close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(
+            f"unknown dataset {name!r}{hint}; valid names: {', '.join(names)} "
+            "(use 'imagefolder' for a directory of train/<class>/<image> files)"
+        )
+    return key
+
+
+def recipe_for(model: str, dataset: str) -> str | None:
+    """The recipe `cnn.config.find_recipe` picks, decided from the table (no torch import).
+    A test checks that both agree for every model."""
+    info = models_table()["models"][model]
+    candidates = [f"{model}-{dataset}"]
+    if info["source"] == "torchvision":
+        mixed = any(
+            r["family"] == info["family"] and r["source"] != "torchvision"
+            for r in models_table()["models"].values()
+        )
+        candidates.append(f"{info['family']}-finetune")
+        if not mixed:
+            candidates.append(info["family"])
+        candidates.append("finetune")
+    else:
+        candidates.append(info["family"])
+    for name in [*candidates, "default"]:
+        if (RECIPES_DIR / f"{name}.yaml").is_file():
+            return name
+    return None
+
+
+# -------------------------------------------------------------------- image folders
+
+
+@dataclasses.dataclass
+class FolderCounts:
+    """Images per class per split of an image folder (counted by file extension)."""
+
+    root: Path
+    classes: list[str]
+    counts: dict[str, dict[str, int]]  # split -> class -> images
+
+    def train_size(self, val_fraction: float) -> int:
+        """Training images after the seeded per-class hold-out (as cnn.data does it)."""
+        train = self.counts["train"]
+        if "val" in self.counts:
+            return sum(train.values())
+        total = 0
+        for n in train.values():
+            n_val = round(n * val_fraction)
+            if n >= 2:
+                n_val = max(1, min(n_val, n - 1))
+            total += n - n_val
+        return total
+
+
+def find_folder_root(data_dir: str | Path) -> Path:
+    """`data_dir` itself if it holds train/, or its single child that does (as cnn.data)."""
+    data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ValueError(
+            f"--data-dir {data_dir} is a file, not a directory; pass the folder that holds "
+            "train/<class>/<image> (unpack an archive first: tar -xzf FILE -C DIR)"
+        )
+    if not data_dir.is_dir():
+        raise FileNotFoundError(
+            f"image folder {data_dir} does not exist; pass --data-dir pointing at a directory "
+            "with train/<class>/<image> (and val/ or test/)"
+        )
+    if (data_dir / "train").is_dir():
+        return data_dir
+    candidates = [p for p in sorted(data_dir.iterdir()) if (p / "train").is_dir()]
+    if len(candidates) == 1:
+        return candidates[0]
+    found = ", ".join(p.name for p in sorted(data_dir.iterdir())[:10]) or "nothing"
+    raise FileNotFoundError(
+        f"no train/ folder in {data_dir} (found: {found}); an image folder needs "
+        "train/<class>/<image> plus optional val/ and test/"
+        + (f"; several children have train/: {[p.name for p in candidates]}" if candidates else "")
+    )
+
+
+def count_imagefolder(data_dir: str | Path) -> FolderCounts:
+    """Check an image folder's shape: at least 2 classes, each with at least one image in every
+    split, the same classes in every split. Names the folder and the fix."""
+    root = find_folder_root(data_dir)
+    exts = tuple(models_table()["image_extensions"])
+    counts: dict[str, dict[str, int]] = {}
+    classes: list[str] = []
+    for split in ("train", "val", "test"):
+        sdir = root / split
+        if not sdir.is_dir():
+            continue
+        per_class = {}
+        for entry in sorted(os.scandir(sdir), key=lambda e: e.name):
+            if entry.is_dir():
+                per_class[entry.name] = sum(
+                    1 for f in os.scandir(entry.path) if f.name.lower().endswith(exts)
+                )
+        if split == "train":
+            classes = sorted(per_class)
+            if len(classes) < 2:
+                have = f"only {classes[0]!r}" if classes else "none"
+                raise ValueError(
+                    f"{sdir} has {len(classes)} class folder(s) ({have}); a classifier needs at "
+                    "least 2: train/<class>/<image> with one folder per class"
+                )
+        elif sorted(per_class) != classes:
+            missing = sorted(set(classes) - set(per_class))
+            extra = sorted(set(per_class) - set(classes))
+            raise ValueError(
+                f"{sdir} has other class folders than train/ (missing: {missing or 'none'}, "
+                f"extra: {extra or 'none'}); every split needs the same class folders"
+            )
+        empty = [c for c, n in per_class.items() if n == 0]
+        if empty:
+            raise ValueError(
+                f"class folder {sdir / empty[0]} has no images ({', '.join(exts)})"
+                + (f", nor do {len(empty) - 1} more" if len(empty) > 1 else "")
+                + "; add images to it or remove the folder from every split"
+            )
+        counts[split] = per_class
+    return FolderCounts(root, classes, counts)
+
+
+# -------------------------------------------------------------------- destinations
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_dir(output_dir: str | Path | None) -> None:
+    """The output dir is a directory (or can be created) and is writable; nothing created."""
+    target = Path(output_dir) if output_dir else Path("runs")
+    what = f"--output-dir {target}" if output_dir else f"the default output folder {target}"
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{what} is a file, not a directory; pass another --output-dir")
+    base = _nearest_existing(target)
+    if not base.is_dir():
+        raise ValueError(f"{what} cannot be created: {base} is a file; pass another --output-dir")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"{what} is not writable ({base} does not allow writing for this user); pass "
+            "--output-dir in a folder you can write to"
+        )
+
+
+def check_tracking_destination(uri: str | None = None) -> str:
+    """A local SQLite MLflow store's folder exists: never create a folder that was not asked
+    for (a mistyped sqlite:////nonexistent/dir/mlflow.db would otherwise create /nonexistent)."""
+    from cnn.tracking import tracking_uri
+
+    uri = tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        raw = uri.removeprefix("sqlite:///").split("?", 1)[0]
+        if raw and raw != ":memory:":
+            path = Path(raw)
+            if path.is_dir():
+                raise ValueError(f"MLflow store {uri}: {path} is a directory, not a database file")
+            if not path.parent.is_dir():
+                raise ValueError(
+                    f"MLflow store {uri}: folder {path.parent} does not exist; fix the URI "
+                    f"(MLFLOW_TRACKING_URI) or create the folder first (mkdir -p {path.parent})"
+                )
+            if not os.access(path.parent, os.W_OK):
+                raise ValueError(f"MLflow store {uri}: folder {path.parent} is not writable")
+    return uri
+
+
+# -------------------------------------------------------------------- network
+
+
+def host_resolves(host: str, timeout: float = 4.0) -> bool:
+    """Whether `host` resolves within `timeout` s (getaddrinfo has no timeout of its own)."""
+    result: list[bool] = []
+
+    def look() -> None:
+        try:
+            socket.getaddrinfo(host, None)
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=look, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def check_download(
+    dataset: str,
+    data_dir: str | Path,
+    cache_dir: str | Path | None = None,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    download: bool = True,
+    mirror: str | None = None,
+) -> None:
+    """A dataset that must be downloaded can be: its files or tensor cache are here, or a
+    download host resolves. Offline, fail now (not after minutes of retries) with the route
+    that works offline."""
+    key = _dataset_key(dataset)
+    if key == "imagefolder":
+        return
+    import hashlib
+
+    from cnn.data.prepare import cache_key
+    from cnn.data.sources import get_source, resolve_urls
+
+    spec = get_source(key)
+    data_dir = Path(data_dir)
+    cache = Path(cache_dir) if cache_dir is not None else data_dir / "cache"
+    source_hash = hashlib.sha256(
+        ",".join(f"{f.filename}:{f.md5}" for f in spec.files).encode()
+    ).hexdigest()
+    ckey = cache_key(dataset=spec.name, source_hash=source_hash, val_fraction=val_fraction,
+                     seed=seed)  # fmt: skip
+    if (cache / f"{spec.name}-{ckey}" / "meta.json").exists():
+        return
+    raw = data_dir / "raw" / spec.name
+    missing = [f for f in spec.files if not (raw / f.filename).is_file()]
+    if not missing:
+        return
+    if not download:
+        raise FileNotFoundError(
+            f"{raw / missing[0].filename} is missing and download is off; put the file there, "
+            f"allow the download, or {OFFLINE_ROUTE}"
+        )
+    urls = [u for f in missing for u in resolve_urls(f, mirror)]
+    hosts = sorted({urlparse(u).hostname or "" for u in urls} - {""})
+    if any(host_resolves(h) for h in hosts):
+        return
+    raise DownloadUnavailableError(
+        f"cannot download {spec.name}: {', '.join(hosts)} does not resolve (no network?). Put "
+        f"{missing[0].filename} in {raw}, set $CNNPIPE_DATA_MIRROR to a reachable mirror, or "
+        f"{OFFLINE_ROUTE}"
+    )
+
+
+# -------------------------------------------------------------------- pretrained weights
+
+
+def _clean(exc: BaseException) -> str:
+    """The first line of an exception, without PyTorch's advice to retry with
+    weights_only=False (wrong advice for an untrusted file)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.split(" Re-running `torch.load`")[0].split(" In PyTorch 2.6")[0].rstrip(" .,")
+
+
+def check_pretrained(cfg: TrainConfig) -> None:
+    """`pretrained` is a weights name that is available (hub cache, or its host resolves) or a
+    state-dict file that loads with weights_only=True and fits the architecture."""
+    if not cfg.pretrained:
+        return
+    info = models_table()["models"][cfg.model]
+    text = str(cfg.pretrained)
+    weights = info.get("weights") or []
+    if text in weights or (text == "DEFAULT" and weights):
+        name = info["default_weights"] if text == "DEFAULT" else text
+        url = info["weights_urls"][name]
+        import torch
+
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+        if cached.is_file() or host_resolves(urlparse(url).hostname or ""):
+            return
+        raise FileNotFoundError(
+            f"the {name} weights of {cfg.model!r} are not in the torch hub cache and "
+            f"{urlparse(url).hostname} does not resolve (no network?); copy {url} to {cached}, "
+            "or pass --pretrained PATH to a local state-dict file"
+        )
+    path = Path(text)
+    suffixes = (".pt", ".pth", ".bin", ".ckpt")
+    looks_like_path = os.sep in text or "/" in text or path.suffix in suffixes or path.exists()
+    if not looks_like_path:
+        names = ", ".join(("DEFAULT", *weights)) if weights else "none (trained from scratch)"
+        raise ValueError(
+            f"--pretrained {text!r} is neither a weights name of {cfg.model!r} ({names}) nor an "
+            "existing file; pass a weights name or the path of a local state-dict file"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"pretrained weights file {text!r} does not exist"
+            + (" (it is a directory)" if path.is_dir() else "")
+            + "; pass the path of a state-dict file saved with torch.save(model.state_dict(), "
+            "path)"
+        )
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means: not a loadable state dict
+        raise ValueError(
+            f"pretrained weights file {text!r} cannot be loaded safely (torch.load with "
+            f"weights_only=True: {_clean(exc)}); it is corrupt or not a PyTorch state dict, "
+            "and an untrusted file must not be loaded with weights_only=False"
+        ) from None
+    from cnn.models import get_model
+
+    try:
+        get_model(cfg.model, num_classes=max(cfg.num_classes or 2, 2), pretrained=text,
+                  input_size=cfg.input_size)  # fmt: skip
+    except (ValueError, FileNotFoundError) as exc:
+        raise ValueError(_clean(exc)) from None
+
+
+# -------------------------------------------------------------------- the plan
+
 
 def check_dataset(dataset: str, data_dir: str | Path, download: bool = True) -> None:
-    """Unknown dataset names and missing image folders are errors that name the fix."""
-    from cnn.data import get_source
-    from cnn.data.sources import find_folder_root
-
-    if dataset.lower() == "imagefolder":
-        find_folder_root(data_dir)  # raises FileNotFoundError naming the folder
+    """Unknown dataset names and missing or malformed image folders are errors that name the
+    fix (no torch import)."""
+    key = check_dataset_name(dataset)
+    if key == "imagefolder":
+        count_imagefolder(data_dir)
         return
-    get_source(dataset)  # raises ValueError listing the valid names
     if not download and not Path(data_dir).is_dir():
         raise FileNotFoundError(
             f"data dir {data_dir} does not exist and download is off; point --data-dir at the "
             f"folder holding {dataset}, or allow the download"
         )
+
+
+def _check_batch(cfg: TrainConfig, train_size: int, where: str, world: int) -> None:
+    if cfg.batch_size <= train_size:
+        return
+    step = world * cfg.grad_accum
+    fit = (train_size // step) * step
+    fix = f"use --batch-size {fit} or smaller" if fit else "add training images"
+    raise ValueError(
+        f"global batch_size={cfg.batch_size} is larger than the training split ({train_size} "
+        f"images in {where}), so not one training step would run; {fix}"
+    )
+
+
+def _validate_values(cfg: TrainConfig, nproc_per_node: int, nnodes: int) -> None:
+    """`TrainConfig.validate` without its device and model parts, which import torch: plain
+    value errors (epochs=0, a bad optimizer name) are reported before seconds of imports and
+    before the data checks. The full `validate` runs afterwards."""
+    light = copy.copy(cfg)
+    light._validate_device = lambda nproc: None  # type: ignore[method-assign]
+    light._validate_model = lambda: None  # type: ignore[method-assign]
+    light.validate(nproc_per_node=nproc_per_node, nnodes=nnodes)
+
+
+_MEMO: dict[str, tuple[TrainConfig, LaunchSpec]] = {}
 
 
 def plan_training(
@@ -49,7 +525,16 @@ def plan_training(
     max_restarts: int = 0,
 ) -> tuple[TrainConfig, LaunchSpec]:
     """Resolve and validate the run's config and its torchrun launch (raises ValueError /
-    FileNotFoundError naming the bad value)."""
+    FileNotFoundError naming the bad value and the fix; nothing is written)."""
+    over = parse_overrides(overrides)
+    memo_key = json.dumps(
+        [model, dataset, data_dir, cache_dir, recipe, config_file, over, nproc_per_node, nnodes,
+         node_rank, rdzv_endpoint, max_restarts, os.getcwd()],
+        sort_keys=True, default=str,
+    )  # fmt: skip
+    if memo_key in _MEMO:
+        cfg, launch = _MEMO[memo_key]
+        return copy.deepcopy(cfg), launch
     launch = LaunchSpec(
         nproc_per_node=nproc_per_node,
         nnodes=nnodes,
@@ -68,14 +553,60 @@ def plan_training(
         extra["data_dir"] = data_dir
     if cache_dir is not None:
         extra["cache_dir"] = cache_dir
+    # Stage 1, no torch: names from the table, the recipe decided from the table.
+    name = str(over.get("model") or model)
+    check_model_name(name)
+    check_dataset_name(str(over.get("dataset") or dataset))
+    if recipe:
+        find_recipe(name, dataset, recipe)  # an explicit unknown recipe: named now
+    elif not config_file and "recipe" not in over:
+        recipe = recipe_for(name, _dataset_key(str(over.get("dataset") or dataset)))
     cfg = resolve_config(
         model=model,
         dataset=dataset,
         recipe=recipe,
         config_file=config_file,
-        overrides={**extra, **parse_overrides(overrides)},
+        overrides={**extra, **over},
         validate=False,
     )
+    check_model_name(cfg.model)
+    key = check_dataset_name(cfg.dataset)
+    _validate_values(cfg, nproc_per_node, nnodes)
+    world = nproc_per_node * nnodes
+    if key == "imagefolder":
+        folder = count_imagefolder(cfg.data_dir)
+        where = f"{folder.root / 'train'}" + (
+            "" if "val" in folder.counts else f" after holding out {cfg.val_fraction:g} for val"
+        )
+        _check_batch(cfg, folder.train_size(cfg.val_fraction), where, world)
+    else:
+        check_dataset(cfg.dataset, cfg.data_dir, cfg.download)
+        n = _TRAIN_SIZES.get(key)
+        if n:
+            _check_batch(cfg, int(n * (1 - cfg.val_fraction)), f"{key} train", world)
+    # Stage 2: checks that need torch (validate's device/model part, weights, downloads).
     cfg.validate(nproc_per_node=nproc_per_node, nnodes=nnodes)
-    check_dataset(cfg.dataset, cfg.data_dir, cfg.download)
+    check_pretrained(cfg)
+    check_download(cfg.dataset, cfg.data_dir, cfg.cache_dir, val_fraction=cfg.val_fraction,
+                   seed=cfg.seed, download=cfg.download, mirror=cfg.mirror)  # fmt: skip
+    _MEMO[memo_key] = (copy.deepcopy(cfg), launch)
     return cfg, launch
+
+
+def split_available(dataset: str, data_dir: str | Path, split: str) -> None:
+    """`evaluate --split test` on a folder without test/ is an error that says so: its 'test'
+    split would be the validation split under another name."""
+    if _dataset_key(dataset) != "imagefolder" or split != "test":
+        return
+    root = find_folder_root(data_dir)
+    if not (root / "test").is_dir():
+        raise ValueError(
+            f"{root} has no test/ split (only "
+            + "/".join(s for s in ("train", "val") if (root / s).is_dir())
+            + "); use --split val (with no test/, training reports its val split as the test)"
+        )
+
+
+if __name__ == "__main__":  # regenerate the table: uv run python -m tasks.plan
+    MODELS_TABLE.write_text(json.dumps(build_models_table(), indent=1, sort_keys=True) + "\n")
+    print(f"wrote {MODELS_TABLE}")

@@ -109,7 +109,7 @@ def test_unreachable_mlflow_fails_before_training(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
-    code, err, seconds = _run([*TRAIN, "--epochs", "1", "--json"], capsys)
+    code, err, seconds = _run([*TRAIN, "--epochs", "1", "--batch-size", "2", "--json"], capsys)
     assert code == 2 and f"http://127.0.0.1:{port} is unreachable" in err, err
     assert seconds < 20
     assert not (workdir / "runs").exists()  # no training job was started
