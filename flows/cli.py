@@ -396,7 +396,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         if args.json:
             emit(result)
         else:
-            print(_markdown_table(result["rows"], result["dataset"]), flush=True)
+            split = result.get("split", "test")
+            print(_markdown_table(result["rows"], result["dataset"], split), flush=True)
     return 0
 
 

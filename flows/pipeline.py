@@ -22,7 +22,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks import mlflow_utils, plots, registry
 from tasks.evaluate import artifact_key, evaluate_model
-from tasks.launch import JobSlots, LaunchSpec
+from tasks.launch import JobSlots, LaunchSpec, process_tags
 from tasks.plan import Overrides, plan_training
 from tasks.prepare import prepare_for
 from tasks.register import register_model
@@ -54,8 +54,21 @@ def _flow_run_id() -> str:
         return ""
 
 
+def _failure_reason(exc: BaseException) -> str:
+    """One line for the run's `failure_reason` tag (the job's own exception, or the signal)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (SIGINT)"
+    if isinstance(exc, SystemExit) or type(exc).__name__ == "TerminationSignal":
+        return f"terminated ({type(exc).__name__} {getattr(exc, 'code', '') or ''})".strip()
+    text = " ".join(str(exc).split())[:500]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _end_failed_run(run_id: str, exc: BaseException, uri: str) -> None:
-    """Mark the run FAILED (an error) or KILLED (cancel, interrupt) without masking `exc`."""
+    """Mark the run FAILED (an error) or KILLED (cancel, interrupt) without masking `exc`,
+    with the reason as the `failure_reason` tag."""
+    with suppress(Exception):
+        mlflow_utils.client(uri).set_tag(run_id, "failure_reason", _failure_reason(exc))
     with suppress(Exception):
         mlflow_utils.end_run(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED", uri=uri)
 
@@ -154,6 +167,7 @@ def train_pipeline(
                 "dataset.cache": str(info.path),
                 "prefect.flow_run_id": _flow_run_id(),
                 "config_hash": cfg.config_hash(),
+                **process_tags(),  # so a later cnnpipe can close it if this process is killed
             },
         )
     try:
@@ -218,14 +232,17 @@ COMPARISON_COLUMNS = (
 )
 
 
-def _markdown_table(rows: list[dict[str, Any]], dataset: str) -> str:
+def _markdown_table(rows: list[dict[str, Any]], dataset: str, split: str = "test") -> str:
+    """`split`: the split the accuracy column was measured on ("val" when the data has no
+    test split, so the label is true)."""
+
     def pct(v: Any) -> str:
         return "-" if v is None else f"{v:.2%}"
 
     lines = [
-        f"### Architectures on {dataset} (best test accuracy first)",
+        f"### Architectures on {dataset} (best {split} accuracy first)",
         "",
-        "| model | params | best val acc | test acc | top-5 | train s | images/s | status |",
+        f"| model | params | best val acc | {split} acc | top-5 | train s | images/s | status |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
@@ -305,6 +322,7 @@ def compare_architectures(
             "dataset": info.dataset,
             "models": ",".join(names),
             "prefect.flow_run_id": _flow_run_id(),
+            **process_tags(),
         },
     )
     logger.info("comparing %s on %s, %d job(s) at a time", names, info.dataset, slots.max_jobs)
@@ -323,6 +341,7 @@ def compare_architectures(
                     "model": cfg.model,
                     "dataset": info.dataset,
                     "config_hash": cfg.config_hash(),
+                    **process_tags(),
                 },
             )
             cfg = cfg.replace(
@@ -363,10 +382,11 @@ def compare_architectures(
             except Exception as exc:  # one model failing must not hide the others' results
                 logger.error("%s failed: %s", cfg.model, exc)
                 row["status"] = f"failed: {str(exc).splitlines()[0][:120]}"
-                mlflow_utils.end_run(child, "FAILED", uri=uri)
+                _end_failed_run(child, exc, uri)
         table = sorted(rows.values(), key=lambda r: -(r.get("test_accuracy") or -1.0))
         table = [{k: r.get(k) for k in COMPARISON_COLUMNS} for r in table]
-        _publish_comparison(parent, table, info.dataset, uri)
+        split = "val" if info.test_is_val else "test"
+        _publish_comparison(parent, table, info.dataset, uri, split)
         failed = [r["model"] for r in table if not str(r["status"]).startswith("ok")]
         mlflow_utils.end_run(parent, "FAILED" if failed else "FINISHED", uri=uri)
     except BaseException as exc:
@@ -383,15 +403,18 @@ def compare_architectures(
         "rows": table,
         "best_model": table[0]["model"] if table else None,
         "seconds": round(time.perf_counter() - t0, 3),
+        "split": "val" if info.test_is_val else "test",
     }
 
 
-def _publish_comparison(parent: str, table: list[dict[str, Any]], dataset: str, uri: str) -> None:
+def _publish_comparison(
+    parent: str, table: list[dict[str, Any]], dataset: str, uri: str, split: str = "test"
+) -> None:
     c = mlflow_utils.client(uri)
     c.log_table(parent, data={k: [r[k] for r in table] for k in COMPARISON_COLUMNS},
                 artifact_file="comparison.json")  # fmt: skip
     c.log_figure(parent, plots.comparison_figure(table), "comparison.png")
-    c.log_text(parent, _markdown_table(table, dataset), "comparison.md")
+    c.log_text(parent, _markdown_table(table, dataset, split), "comparison.md")
     mlflow_utils.log_metrics(
         parent,
         {f"{r['model']}.test_accuracy": r["test_accuracy"] for r in table}
@@ -401,5 +424,5 @@ def _publish_comparison(parent: str, table: list[dict[str, Any]], dataset: str, 
     create_table_artifact(table, key=artifact_key("comparison", dataset),
                           description=f"architectures on {dataset}")  # fmt: skip
     create_markdown_artifact(
-        _markdown_table(table, dataset), key=artifact_key("comparison-md", dataset)
+        _markdown_table(table, dataset, split), key=artifact_key("comparison-md", dataset)
     )

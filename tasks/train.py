@@ -6,7 +6,7 @@ import json
 import os
 import shlex
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +16,52 @@ from prefect.runtime import task_run
 
 import cnn
 from cnn.config import TrainConfig
-from tasks.launch import JobSlots, LaunchSpec, build_torchrun_command, run_job
+from tasks.launch import (
+    JobSlots,
+    LaunchSpec,
+    TrainingJobError,
+    build_torchrun_command,
+    run_job,
+    stopping,
+)
 
 _PROJECT_ROOT = str(Path(cnn.__file__).resolve().parents[1])
 
 
-@task(name="train-model", cache_policy=NONE, retries=1, retry_delay_seconds=2)
+def retry_crashes_only(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: retry a job that crashed (a signal, a lost node, an I/O
+    error), never one that raised a deterministic error (bad value, missing file, non-finite
+    loss: the retry would fail the same way, minutes later), nor after a stop signal."""
+    if stopping():
+        return False
+    try:
+        state.result()
+    except TrainingJobError as exc:
+        return not exc.deterministic
+    except BaseException:  # noqa: BLE001 - anything else: an I/O or crash, retry
+        return True
+    return False
+
+
+def _remove_if_empty_run(out: Path, created: list[Path]) -> None:
+    """A job that failed before its first checkpoint leaves nothing worth keeping: remove
+    run.yaml and the folders this task created (never a folder that existed before)."""
+    ckpt = out / "checkpoints"
+    if ckpt.is_dir() and any(ckpt.iterdir()):
+        return  # a resume point: keep it for the retry / the user
+    (out / "run.yaml").unlink(missing_ok=True)
+    for d in [ckpt, *created]:  # innermost first
+        with suppress(OSError):
+            d.rmdir()  # only when empty
+
+
+@task(
+    name="train-model",
+    cache_policy=NONE,
+    retries=1,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_crashes_only,
+)
 def train_model(
     cfg: TrainConfig, launch: LaunchSpec, slots: JobSlots | None = None
 ) -> dict[str, Any]:
@@ -32,6 +72,7 @@ def train_model(
     resumes from checkpoints/last.pt and keeps logging into the same run."""
     logger = get_run_logger()
     out = Path(cfg.output_dir)
+    created = [p for p in (out, *out.parents) if not p.exists()]  # innermost first
     config_path = cfg.to_yaml(out / "run.yaml")
     (out / "result.json").unlink(missing_ok=True)  # never report a stale result
     cmd = build_torchrun_command(config_path, launch)
@@ -53,7 +94,11 @@ def train_model(
             logger.info("attempt %d: resuming from %s", task_run.run_count, out / "checkpoints")
         logger.info("launching %s%s", shlex.join(cmd), f" on GPUs {','.join(gpus)}" if gpus else "")
         t0 = time.perf_counter()
-        run_job(cmd, on_line=logger.info, env=env)
+        try:
+            run_job(cmd, on_line=logger.info, env=env)
+        except BaseException:
+            _remove_if_empty_run(out, created)
+            raise
         job_seconds = time.perf_counter() - t0
     result_path = out / "result.json"
     if not result_path.exists() and not launch.standalone:
