@@ -524,6 +524,11 @@ def _run(cfg: TrainConfig, info: D.DistInfo, t_start: float) -> dict[str, Any]:
         "world_size": info.world_size,
         "config_hash": cfg_hash,
         "wall_seconds": time.perf_counter() - t_start,
+        "peak_memory_mb": (
+            round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+            if device.type == "cuda"
+            else None
+        ),
     }
     if is_main:
         _write_json(Path(cfg.output_dir) / "result.json", result)

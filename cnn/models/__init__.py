@@ -4,7 +4,7 @@ Importing this package registers our from-scratch CIFAR models and torchvision's
 zoo. See ``_api.py`` for the registry and docs/internals.md for the contract.
 """
 
-from . import alexnet, densenet, googlenet, lenet, resnet, vgg, zoo  # noqa: F401  (registers)
+from . import alexnet, densenet, googlenet, lenet, resnet, resnet9, vgg, zoo  # noqa: F401  (registers)
 from ._api import (
     CIFAR10_MEAN,
     CIFAR10_STD,
