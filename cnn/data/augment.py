@@ -178,7 +178,8 @@ class BatchAugment:
         self._sub_cpu = m / s
         self._consts: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 or float 0..255 NCHW -> float32 normalized (in place when already float)."""
         dev = x.device
         if dev not in self._consts:
             self._consts[dev] = (self._mul_cpu.to(dev), self._sub_cpu.to(dev))
@@ -190,7 +191,7 @@ class BatchAugment:
         size = self.input_size
         if not self.train or self.style == "none":
             x = center_crop(resize(x, self.resize_size), size)
-            return self._normalize(x.contiguous())
+            return self.normalize(x.contiguous())
         if generator is None:
             raise ValueError("training augmentation needs a seeded torch.Generator")
         if self.style in ("cifar", "flip"):
@@ -200,4 +201,4 @@ class BatchAugment:
             x = random_crop_flip(x, size, padding, generator)
         else:
             x = random_resized_crop_flip(x, size, generator, scale=self.scale)
-        return self._normalize(x)
+        return self.normalize(x)

@@ -12,18 +12,22 @@ Both paths share one sharding plan (docs/internals.md):
 from __future__ import annotations
 
 import hashlib
-import os
-from collections.abc import Iterator, Sequence
+import json
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .augment import STYLES, BatchAugment
-from .prepare import Prepared, PreparedInfo, load_prepared
+from .augment import STYLES, BatchAugment, random_resized_crop_boxes
+from .prepare import Prepared, PreparedInfo, load_prepared, memory_budget_bytes
+from .shards import StoreSplit, chunk_window_permutation, open_store
 
 MODES = ("auto", "memory", "stream")
 
@@ -38,10 +42,21 @@ class ShardPlan:
     """Which sample indices rank ``rank`` gets in each batch, and each batch's seed."""
 
     def __init__(
-        self, n: int, *, batch_size: int, world_size: int, rank: int, train: bool, seed: int
+        self,
+        n: int,
+        *,
+        batch_size: int,
+        world_size: int,
+        rank: int,
+        train: bool,
+        seed: int,
+        permutation: Callable[[torch.Generator], torch.Tensor] | None = None,
     ) -> None:
         self.n, self.b, self.world, self.rank = n, batch_size, world_size, rank
         self.train, self.seed = train, seed
+        # The epoch's sample order; default a full random permutation. Shard stores pass
+        # shards.chunk_window_permutation (a permutation too, so every guarantee holds).
+        self.permutation = permutation or (lambda g: torch.randperm(n, generator=g))
         self.epoch = 0
         if train:
             self.num_batches = n // (batch_size * world_size)
@@ -61,7 +76,7 @@ class ShardPlan:
             raise ValueError(f"start_batch {start_batch} out of range 0..{self.num_batches}")
         if self.train:
             g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
-            perm = torch.randperm(self.n, generator=g)
+            perm = self.permutation(g)
             gb = self.b * self.world
             for i in range(start_batch, self.num_batches):
                 lo = i * gb + self.rank * self.b
@@ -219,6 +234,230 @@ class StreamLoader(_LoaderBase):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
+DECODERS = ("pil", "torchvision", "device")
+
+
+def _rrc_flip_params(
+    h: int, w: int, aug: BatchAugment, g: torch.Generator
+) -> tuple[tuple[int, int, int, int], bool]:
+    """One RandomResizedCrop box (x1, y1, x2, y2) on an (h, w) image and a flip decision."""
+    box = random_resized_crop_boxes(1, h, w, g, scale=aug.scale)[0].tolist()
+    return tuple(int(v) for v in box), bool(torch.rand(1, generator=g) < 0.5)
+
+
+def _center_box(h: int, w: int, aug: BatchAugment) -> tuple[int, int, int, int]:
+    """The eval crop (resize shorter side to resize_size, center crop input_size) as a box on
+    the (h, w) image, for the DCT-scaled PIL decoder."""
+    side = min(h, w) * aug.input_size / aug.resize_size
+    x1, y1 = (w - side) / 2, (h - side) / 2
+    return round(x1), round(y1), round(x1 + side), round(y1 + side)
+
+
+def decode_crop_pil(
+    data: bytes,
+    box: tuple[int, int, int, int] | None,
+    size: int,
+    flip: bool,
+    aug: BatchAugment | None = None,
+) -> torch.Tensor:
+    """JPEG bytes -> uint8 (3, size, size) of ``box``, decoding at a reduced DCT scale.
+
+    libjpeg-turbo (through Pillow's ``draft``) can decode straight to 1/2, 1/4 or 1/8 size;
+    when the crop box is at least twice the output size that skips most of the decode work,
+    which dominates the cost of RandomResizedCrop on photos. ``box=None`` is the eval crop.
+    """
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        w, h = img.size
+        if box is None:
+            box = _center_box(h, w, aug)
+        bw, bh = box[2] - box[0], box[3] - box[1]
+        img.draft("RGB", (max(1, w * size // max(bw, 1)), max(1, h * size // max(bh, 1))))
+        sx, sy = img.size[0] / w, img.size[1] / h
+        img = img.convert("RGB")
+        out = img.resize(
+            (size, size),
+            Image.BILINEAR,
+            box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy),
+            reducing_gap=None,
+        )
+        if flip:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1)
+
+
+def decode_crop_tensor(
+    x: torch.Tensor, box: tuple[int, int, int, int] | None, size: int, flip: bool, aug: BatchAugment
+) -> torch.Tensor:
+    """Decoded uint8 CHW (any device) -> uint8 (3, size, size): the box, or the eval transform.
+
+    The eval transform is the exported model's own (``TF.resize`` of the shorter side, then
+    ``TF.center_crop``), so evaluation and serving see the same pixels.
+    """
+    if box is None:
+        x = TF.resize(x, [aug.resize_size], antialias=True)
+        return TF.center_crop(x, [size, size])
+    x1, y1, x2, y2 = box
+    x = TF.resized_crop(x, y1, x1, y2 - y1, x2 - x1, [size, size], antialias=True)
+    return x.flip(-1) if flip else x
+
+
+class _StoreBatchDataset(Dataset):
+    """Shard-store batches: ``__getitems__([(seed, indices)])`` -> uint8 batch, labels.
+
+    Runs in DataLoader workers: reads each sample's JPEG from the store and decodes it on the
+    CPU (``pil``: DCT-scaled, ``torchvision``: ``decode_jpeg``), or hands the bytes and crop
+    boxes back for batched decoding on the device (``device``: nvJPEG on CUDA). Crop boxes and
+    flips come from the batch's seed, so batches are reproducible and resumable.
+    """
+
+    def __init__(self, split: StoreSplit, aug: BatchAugment, crop: bool, decoder: str) -> None:
+        self.split, self.aug, self.crop, self.decoder = split, aug, crop, decoder
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitems__(self, batch: Sequence) -> tuple[Any, ...]:
+        seed, idx = batch[0]
+        g = torch.Generator().manual_seed(seed)
+        size, datas, labels, boxes, flips = self.aug.input_size, [], [], [], []
+        for i in idx.tolist():
+            data, label = self.split[i]
+            datas.append(data)
+            labels.append(label)
+            if self.crop:
+                h, w = _jpeg_size(data)
+                box, flip = _rrc_flip_params(h, w, self.aug, g)
+            else:
+                box, flip = None, False
+            boxes.append(box)
+            flips.append(flip)
+        y = torch.tensor(labels, dtype=torch.int64)
+        if self.decoder == "device":
+            raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+            return raw, boxes, flips, y
+        if self.decoder == "pil":
+            xs = [
+                decode_crop_pil(d, b, size, f, self.aug)
+                for d, b, f in zip(datas, boxes, flips, strict=True)
+            ]
+        else:
+            xs = [
+                decode_crop_tensor(_decode_jpeg(d), b, size, f, self.aug)
+                for d, b, f in zip(datas, boxes, flips, strict=True)
+            ]
+        return torch.stack(xs), y
+
+
+def _decode_jpeg(data: bytes, device: str = "cpu") -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    t = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return decode_jpeg(t, mode=ImageReadMode.RGB, device=device)
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    """(height, width) from a JPEG header without decoding it."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return img.size[1], img.size[0]
+
+
+class StoreLoader(_LoaderBase):
+    """A shard-store split through a DataLoader with workers; same sharding as the others.
+
+    Workers return uint8 batches (4x less inter-process traffic than float); the cast, the
+    normalisation and, for the ``cifar``/``flip`` styles, the crop/flip run on the batch on the
+    device afterwards.
+    """
+
+    def __init__(
+        self,
+        split: StoreSplit,
+        plan: ShardPlan,
+        aug: BatchAugment,
+        device: torch.device,
+        num_workers: int,
+        decoder: str,
+    ) -> None:
+        self.plan, self.aug, self.device, self.num_workers = plan, aug, device, num_workers
+        self.decoder = decoder
+        rrc = aug.train and aug.style == "finetune"
+        self.batch_aug = aug.train and aug.style in ("cifar", "flip")
+        eval_like = BatchAugment(
+            style="none",
+            train=False,
+            input_size=aug.input_size,
+            resize_size=aug.resize_size if not self.batch_aug else aug.input_size,
+            mean=aug.mean,
+            std=aug.std,
+        )
+        self.dataset = _StoreBatchDataset(split, aug if rrc else eval_like, rrc, decoder)
+        self.trace: Callable[[int, torch.Tensor], None] | None = None
+
+    def iterate(self, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        sampler = _PlanSampler(self.plan)
+        sampler.start = start_batch
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda" and self.decoder != "device",
+            prefetch_factor=4 if self.num_workers else None,
+            persistent_workers=False,
+        )
+        batches = self.plan.batches(start_batch)
+        for out in loader:
+            i, idx = next(batches)
+            if self.trace is not None:
+                self.trace(i, idx)
+            if self.decoder == "device":
+                x = self._decode_on_device(*out[:3])
+            else:
+                x = out[0].to(self.device, non_blocking=True)
+            y = out[-1].to(self.device, non_blocking=True)
+            if self.batch_aug:
+                g = torch.Generator().manual_seed(self.plan.batch_seed(i))
+                yield self.aug(x, g), y
+            else:
+                yield self.aug.normalize(x), y
+
+    def _decode_on_device(self, raw: list[torch.Tensor], boxes: list, flips: list) -> torch.Tensor:
+        """Batched ``decode_jpeg`` on the device (nvJPEG on CUDA), then crops there too."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        dev = self.device if self.device.type == "cuda" else "cpu"
+        imgs = decode_jpeg(raw, mode=ImageReadMode.RGB, device=dev)
+        aug = self.dataset.aug
+        size = aug.input_size
+        return torch.stack(
+            [
+                decode_crop_tensor(x, b, size, f, aug)
+                for x, b, f in zip(imgs, boxes, flips, strict=True)
+            ]
+        ).to(self.device)
+
+
+def _is_store(path: str | Path) -> bool:
+    from .shards import is_remote
+
+    if is_remote(path):
+        return True
+    p = Path(path)
+    p = p.parent if p.name == "meta.json" else p
+    try:
+        return json.loads((p / "meta.json").read_text()).get("storage") == "shards"
+    except (OSError, ValueError):
+        return False
+
+
 @dataclass
 class Loaders:
     """What ``build_loaders`` returns."""
@@ -231,24 +470,6 @@ class Loaders:
     in_channels: int
     mode: str  # "memory" or "stream"
     info: PreparedInfo
-
-
-def memory_budget_bytes(device: torch.device) -> int:
-    """Default budget for the in-memory path: half the free GPU memory, or half the free RAM."""
-    env = os.environ.get("CNNPIPE_MEMORY_BUDGET_MB")
-    if env:
-        return int(float(env) * 2**20)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free // 2
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 2
-    except OSError:
-        pass
-    return 4 * 2**30
 
 
 def build_loaders(
@@ -267,8 +488,15 @@ def build_loaders(
     normalize: tuple[Sequence[float], Sequence[float]] | None = None,
     resize_size: int | None = None,
     memory_budget: int | None = None,
+    decoder: str = "pil",
+    stream_cache_dir: str | None = None,
 ) -> Loaders:
-    """Train/val/test loaders over a prepared cache for one rank.
+    """Train/val/test loaders over a prepared cache (or shard store) for one rank.
+
+    A shard store (``PreparedInfo.storage == "shards"``) always streams: JPEGs are decoded in
+    ``num_workers`` worker processes by ``decoder`` (``pil``, ``torchvision``, or ``device``
+    for batched decoding on the training device), ``stream_cache_dir`` holds chunks of a
+    remote (``s3://``) store.
 
     ``batch_size`` and ``eval_batch_size`` are global; each rank gets ``// world_size``.
     ``style`` is ``cifar``, ``finetune`` or ``none`` (no training augmentation: the eval
@@ -298,16 +526,30 @@ def build_loaders(
             )
     if resize_size is None:
         resize_size = input_size if style != "finetune" else round(input_size / 0.875)
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    store = None
     if isinstance(prepared, PreparedInfo):
+        if prepared.storage == "shards":
+            store = open_store(prepared.path, cache_dir=stream_cache_dir)
         prepared = prepared.path
-    if not isinstance(prepared, Prepared):
-        prepared = load_prepared(prepared)
-    info = prepared.info
-    train_x, train_y = prepared.split("train")
+    elif isinstance(prepared, (str, Path)) and _is_store(prepared):
+        store = open_store(prepared, cache_dir=stream_cache_dir)
+    if store is not None:
+        from .prepare import _read_info
+
+        info = _read_info(store.path, store.meta)
+        n_train = len(store.splits["train"])
+        mode = "stream"
+    else:
+        if not isinstance(prepared, Prepared):
+            prepared = load_prepared(prepared)
+        info = prepared.info
+        n_train = len(prepared.split("train")[1])
     b = batch_size // world_size
-    if len(train_y) < batch_size:
+    if n_train < batch_size:
         raise ValueError(
-            f"batch_size {batch_size} is larger than the training split ({len(train_y)} images) "
+            f"batch_size {batch_size} is larger than the training split ({n_train} images) "
             "of " + str(info.path) + "; use a smaller batch"
         )
     mean, std = normalize if normalize is not None else (info.mean, info.std)
@@ -322,9 +564,9 @@ def build_loaders(
     aug_train = BatchAugment(train=True, **kw)
     aug_eval = BatchAugment(train=False, **kw)
 
-    unique = {id(t): t for name in prepared.splits for t in prepared.splits[name]}
-    nbytes = sum(t.numel() * t.element_size() for t in unique.values())
     if mode == "auto":
+        unique = {id(t): t for name in prepared.splits for t in prepared.splits[name]}
+        nbytes = sum(t.numel() * t.element_size() for t in unique.values())
         budget = memory_budget if memory_budget is not None else memory_budget_bytes(device)
         mode = "memory" if nbytes <= budget else "stream"
 
@@ -341,16 +583,17 @@ def build_loaders(
         return moved[id(t)]
 
     def make(split: str, train: bool) -> _LoaderBase:
-        x, y = prepared.split(split)
-        plan = ShardPlan(
-            len(y),
-            batch_size=b if train else eb,
-            world_size=world_size,
-            rank=rank,
-            train=train,
-            seed=seed,
-        )
         aug = aug_train if train else aug_eval
+        plan_kw = dict(
+            batch_size=b if train else eb, world_size=world_size, rank=rank, train=train, seed=seed
+        )
+        if store is not None:
+            part = store.splits[split]
+            perm = lambda g: chunk_window_permutation(part.chunk_sizes, g)  # noqa: E731
+            plan = ShardPlan(len(part), permutation=perm, **plan_kw)
+            return StoreLoader(part, plan, aug, device, num_workers, decoder)
+        x, y = prepared.split(split)
+        plan = ShardPlan(len(y), **plan_kw)
         if mode == "memory":
             return MemoryLoader(on_device(x), on_device(y), plan, aug, device)
         return StreamLoader(x, y, plan, aug, device, num_workers)

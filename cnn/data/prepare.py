@@ -26,8 +26,9 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image, read_file
 
+from . import shards
+from .images import MAX_IMAGE_PIXELS, decode_file
 from .sources import (
     DATASETS,
     FolderScan,
@@ -42,6 +43,7 @@ from .sources import (
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+STORAGES = ("auto", "memory", "shards")
 DEFAULT_RESOLUTION = 256  # shorter side for 224-pixel models; 32-px images stay 32 (no upscale)
 _HEADER_SAMPLE = 512  # images whose headers pick the storage size of an image folder
 
@@ -66,6 +68,9 @@ class PreparedInfo:
     skipped_bad_images: int = 0
     decoded_images: int = 0  # images decoded by this call (0 on a cache hit)
     params: dict = field(default_factory=dict)
+    # "memory": uint8 tensors of square `resolution` images; "shards": the streaming store of
+    # JPEGs whose shorter side is at most `resolution` (aspect ratio kept), see shards.py.
+    storage: str = "memory"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -77,16 +82,21 @@ class PreparedInfo:
     def from_dict(cls, d: dict) -> PreparedInfo:
         names = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in names}
-        d["path"] = Path(d["path"])
+        d["path"] = d["path"] if shards.is_remote(d["path"]) else Path(d["path"])
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         return cls(**d)
 
     def summary(self) -> str:
         """A few human-readable lines for the CLI."""
         how = "cache hit" if self.cache_hit else f"prepared in {self.seconds:.1f} s"
+        stored = (
+            f"stored as JPEG shards, shorter side <= {self.resolution}"
+            if self.storage == "shards"
+            else f"stored as uint8 {self.resolution}x{self.resolution}"
+        )
         lines = [
             f"dataset {self.dataset}: {self.num_classes} classes, {self.in_channels} channel(s), "
-            f"stored as uint8 {self.resolution}x{self.resolution}",
+            + stored,
             f"  cache: {self.path} ({how})",
             "  splits: " + ", ".join(f"{k} {v}" for k, v in self.splits.items()),
         ]
@@ -127,7 +137,14 @@ class Prepared:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_params(resolution: int | None, val_fraction: float, seed: int) -> None:
+def _check_params(
+    resolution: int | None, val_fraction: float, seed: int, storage: str = "auto"
+) -> None:
+    if storage not in STORAGES:
+        raise ValueError(
+            f"storage must be one of {', '.join(STORAGES)}, got {storage!r}; auto picks shards "
+            "when the decoded images would not fit the memory budget"
+        )
     if resolution is not None and (not isinstance(resolution, int) or resolution < 8):
         raise ValueError(f"resolution must be an integer >= 8 (pixels), got {resolution!r}")
     if not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
@@ -137,6 +154,36 @@ def _check_params(resolution: int | None, val_fraction: float, seed: int) -> Non
         )
     if not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
+
+
+def memory_budget_bytes(device: torch.device | None = None) -> int:
+    """Budget for in-memory data: half the free GPU memory, or half the available RAM.
+
+    ``CNNPIPE_MEMORY_BUDGET_MB`` overrides it (used by prepare's storage choice and by the
+    loader's memory/stream choice).
+    """
+    env = os.environ.get("CNNPIPE_MEMORY_BUDGET_MB")
+    if env:
+        return int(float(env) * 2**20)
+    if device is not None and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+def choose_storage(storage: str, n_images: int, resolution: int, budget: int | None = None) -> str:
+    """``memory`` when the decoded uint8 images (N x 3 x S x S) fit the budget, else ``shards``."""
+    if storage != "auto":
+        return storage
+    budget = memory_budget_bytes() if budget is None else budget
+    return "memory" if n_images * 3 * resolution * resolution <= budget else "shards"
 
 
 def cache_key(**parts: object) -> str:
@@ -158,36 +205,25 @@ def _fit(x: torch.Tensor, size: int) -> torch.Tensor:
     return TF.center_crop(x, [size, size])
 
 
-def _decode_one(path: str, size: int) -> torch.Tensor:
-    """Decode one file to uint8 RGB (3, size, size).
-
-    ``torchvision.io.decode_image`` (JPEG/PNG/GIF/WebP) is about 3x faster than PIL on small
-    JPEGs with identical pixels; PIL covers the other formats (BMP, TIFF, PPM, ...). A file
-    neither can decode raises, and the caller reports it by path.
-    """
-    try:
-        x = decode_image(read_file(path), mode=ImageReadMode.RGB)
-    except RuntimeError:
-        with Image.open(path) as img:
-            img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when possible
-            x = torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
-    if x.ndim == 4:  # animated GIF: first frame
-        x = x[0]
-    return _fit(x, size)
+def _decode_one(path: str, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """Decode one file (see ``images.decode_file``) and fit it to ``size`` x ``size``."""
+    return _fit(decode_file(path, size, max_pixels), size)
 
 
-def _decode_chunk(args: tuple[list[str], int]) -> tuple[np.ndarray, list[tuple[int, str]]]:
+def _decode_chunk(
+    args: tuple[list[str], int, int],
+) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Worker: decode paths into (n, 3, size, size); report (index, error) of bad files.
 
     Returns NumPy (plain pickled bytes back to the parent) rather than a tensor, which
     multiprocessing would pass through a shared-memory file descriptor per chunk.
     """
-    paths, size = args
+    paths, size, max_pixels = args
     out = torch.zeros((len(paths), 3, size, size), dtype=torch.uint8)
     bad = []
     for i, p in enumerate(paths):
         try:
-            out[i] = _decode_one(p, size)
+            out[i] = _decode_one(p, size, max_pixels)
         except Exception as exc:  # any decode failure is reported by path, never swallowed
             bad.append((i, f"{type(exc).__name__}: {exc}"))
     return out.numpy(), bad
@@ -206,7 +242,12 @@ def _pool_context() -> mp.context.BaseContext:
 
 
 def decode_images(
-    paths: list[Path], size: int, *, workers: int | None = None, label: str = ""
+    paths: list[Path],
+    size: int,
+    *,
+    workers: int | None = None,
+    label: str = "",
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> tuple[torch.Tensor, list[tuple[Path, str]]]:
     """Decode ``paths`` in parallel into uint8 (N, 3, size, size); also return the bad files.
 
@@ -216,7 +257,7 @@ def decode_images(
     n = len(paths)
     out = torch.empty((n, 3, size, size), dtype=torch.uint8)
     chunk = max(16, min(512, math.ceil(n / (workers * 8)) if n else 16))
-    jobs = [([str(p) for p in paths[i : i + chunk]], size) for i in range(0, n, chunk)]
+    jobs = [([str(p) for p in paths[i : i + chunk]], size, max_pixels) for i in range(0, n, chunk)]
     bad: list[tuple[Path, str]] = []
     t0 = time.perf_counter()
     done = 0
@@ -331,10 +372,47 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _staging_dir(final: Path) -> Path:
+    """A fresh temporary directory next to ``final``; stale ones of dead prepares are removed.
+
+    The name carries the writer's pid, so a prepare that was killed half-way leaves a directory
+    the next prepare recognises as abandoned (its pid no longer runs) and deletes.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for old in final.parent.glob(f".tmp-{final.name}-*"):
+        try:
+            pid = int(old.name.rsplit("-", 2)[-2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            continue
+    return Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-{os.getpid()}-", dir=final.parent))
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """fsync ``tmp`` and rename it to ``final``; a concurrent writer's identical copy wins."""
+    _fsync_dir(tmp)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if (final / "meta.json").exists():  # a concurrent prepare won the race: same content
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        raise
+    _fsync_dir(final.parent)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _write_cache(final: Path, splits: dict[str, RawSplit], meta: dict) -> None:
     """Write splits + meta.json to a temp dir next to ``final``, fsync, and rename into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    tmp = _staging_dir(final)
     try:
         for name, s in splits.items():
             p = tmp / f"{name}.pt"
@@ -342,26 +420,20 @@ def _write_cache(final: Path, splits: dict[str, RawSplit], meta: dict) -> None:
                 torch.save({"images": s.images.contiguous(), "labels": s.labels}, f)
                 f.flush()
                 os.fsync(f.fileno())
-        with open(tmp / "meta.json", "w") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if (final / "meta.json").exists():  # a concurrent prepare won the race: same bytes
-                shutil.rmtree(tmp, ignore_errors=True)
-                return
-            raise
-        _fsync_dir(final.parent)
+        _write_json(tmp / "meta.json", meta)
+        _publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _read_info(path: Path, meta: dict | None = None) -> PreparedInfo:
-    meta = meta if meta is not None else json.loads((path / "meta.json").read_text())
+def _read_info(path: Path | str, meta: dict | None = None) -> PreparedInfo:
+    if shards.is_remote(path) or (meta or {}).get("storage") == "shards":
+        meta = shards.read_meta(path) if meta is None else meta
+        return PreparedInfo.from_dict({**meta["info"], "path": str(path), "cache_hit": True})
+    meta = meta if meta is not None else json.loads((Path(path) / "meta.json").read_text())
+    if meta.get("storage") == "shards":
+        return _read_info(path, meta)
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(
             f"{path} was written by cache format {meta.get('format')}, this code reads "
@@ -381,6 +453,11 @@ def load_prepared(path: str | Path) -> Prepared:
             f"{path} is not a prepared dataset (no meta.json); run `cnnpipe prepare` first"
         )
     meta = json.loads(meta_path.read_text())
+    if meta.get("storage") == "shards":
+        raise ValueError(
+            f"{path} is a shard store (streamed, not loaded into memory); open it with "
+            "cnn.data.shards.open_store or build_loaders"
+        )
     info = _read_info(path, meta)
     splits = {}
     for name in meta["stored_splits"]:
@@ -408,6 +485,9 @@ def prepare_dataset(
     download: bool = True,
     mirror: str | None = None,
     workers: int | None = None,
+    storage: str = "auto",
+    image_cap: int | None = None,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> PreparedInfo:
     """Decode ``dataset`` once into the uint8 tensor cache; a second call is a cache hit.
 
@@ -416,13 +496,24 @@ def prepare_dataset(
     defaults to ``<data_dir>/cache``. ``resolution`` applies to image folders only (CIFAR and
     MNIST are stored at their native size); see ``_storage_size`` for the never-upscale rule.
     ``workers`` decode processes (default: all cores).
+
+    ``storage`` (image folders): ``memory`` (the uint8 tensor cache), ``shards`` (the streaming
+    JPEG store of ``shards.py``, shorter side capped at ``image_cap``, default
+    ``shards.DEFAULT_CAP``) or ``auto`` (shards when the decoded images would not fit the
+    memory budget, see ``choose_storage``). ``cache_dir`` may be an ``s3://`` prefix for a
+    shard store. Images above ``max_image_pixels`` are refused from their header.
     """
     t0 = time.perf_counter()
-    _check_params(resolution, val_fraction, seed)
+    _check_params(resolution, val_fraction, seed, storage)
+    if image_cap is not None and (not isinstance(image_cap, int) or image_cap < 8):
+        raise ValueError(f"image_cap must be an integer >= 8 (pixels), got {image_cap!r}")
     if data_dir is None:
         raise ValueError("data_dir is required (the folder with the source data or downloads)")
     data_dir = Path(data_dir)
-    cache_dir = Path(cache_dir) if cache_dir is not None else data_dir / "cache"
+    if cache_dir is None:
+        cache_dir = data_dir / "cache"
+    elif not shards.is_remote(cache_dir):
+        cache_dir = Path(cache_dir)
 
     if isinstance(dataset, SourceSpec):
         spec: SourceSpec | None = dataset
@@ -438,13 +529,30 @@ def prepare_dataset(
     if spec is None:
         scan = scan_imagefolder(data_dir)
         source_hash = scan.content_hash
-        params = {
-            "resolution": resolution or DEFAULT_RESOLUTION,
-            "val_fraction": val_fraction,
-            "seed": seed,
-            "skip_bad_images": skip_bad_images,
-        }
+        n_images = sum(len(v) for v in scan.files.values())
+        kind = choose_storage(storage, n_images, resolution or DEFAULT_RESOLUTION)
+        if kind == "shards":
+            params = {
+                "storage": "shards",
+                "image_cap": image_cap or shards.DEFAULT_CAP,
+                "quality": shards.JPEG_QUALITY,
+                "val_fraction": val_fraction,
+                "seed": seed,
+                "skip_bad_images": skip_bad_images,
+            }
+        else:
+            params = {
+                "resolution": resolution or DEFAULT_RESOLUTION,
+                "val_fraction": val_fraction,
+                "seed": seed,
+                "skip_bad_images": skip_bad_images,
+            }
     else:
+        if shards.is_remote(cache_dir):
+            raise ValueError(
+                f"cache_dir {cache_dir} is object storage, which holds shard stores of image "
+                f"folders only; {dataset} uses the in-memory cache: give a local cache_dir"
+            )
         scan = None
         if resolution is not None:
             print(
@@ -458,6 +566,22 @@ def prepare_dataset(
         # Native storage size: resolution does not change the output, so it is not in the key.
         params = {"val_fraction": val_fraction, "seed": seed}
     key = cache_key(dataset=name, source_hash=source_hash, **params)
+    if params.get("storage") == "shards":
+        return _prepare_shards(
+            scan,
+            cache_dir,
+            name,
+            key,
+            params,
+            workers=workers,
+            max_pixels=max_image_pixels,
+            t0=t0,
+        )
+    if shards.is_remote(cache_dir):
+        raise ValueError(
+            f"cache_dir {cache_dir} is object storage, which holds shard stores only; add "
+            "--set storage=shards, or give a local cache_dir"
+        )
     final = cache_dir / f"{name}-{key}"
 
     if (final / "meta.json").exists():
@@ -471,7 +595,7 @@ def prepare_dataset(
     skipped = 0
     if scan is not None:
         splits, classes, decoded, skipped, size = _prepare_folder(
-            scan, params["resolution"], skip_bad_images, seed, workers
+            scan, params["resolution"], skip_bad_images, seed, workers, max_image_pixels
         )
         in_channels = 3
     else:
@@ -518,7 +642,12 @@ def prepare_dataset(
 
 
 def _prepare_folder(
-    scan: FolderScan, requested: int, skip_bad: bool, seed: int, workers: int | None
+    scan: FolderScan,
+    requested: int,
+    skip_bad: bool,
+    seed: int,
+    workers: int | None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> tuple[dict[str, RawSplit], list[str], int, int, int]:
     """Decode every split of an image folder at one storage size; handle bad images."""
     size = _storage_size(scan.paths("train"), requested, seed)
@@ -527,7 +656,9 @@ def _prepare_folder(
     decoded = 0
     for split in scan.files:
         paths = scan.paths(split)
-        images, bad = decode_images(paths, size, workers=workers, label=split)
+        images, bad = decode_images(
+            paths, size, workers=workers, label=split, max_pixels=max_pixels
+        )
         decoded += len(paths)
         labels = scan.labels(split)
         if bad:
@@ -538,19 +669,129 @@ def _prepare_folder(
                 keep[index[p]] = False
             images, labels = images[keep], labels[keep]
         splits[split] = RawSplit(images, labels)
-    if all_bad and not skip_bad:
-        listing = "\n".join(f"  {p}: {msg}" for p, msg in all_bad[:50])
-        more = f"\n  ... and {len(all_bad) - 50} more" if len(all_bad) > 50 else ""
+    _report_bad(all_bad, scan.root, skip_bad)
+    for split, s in splits.items():
+        _check_classes(split, s.labels, scan.classes)
+    return splits, scan.classes, decoded, len(all_bad), size
+
+
+def _report_bad(bad: list[tuple[Path | str, str]], root: Path, skip_bad: bool) -> None:
+    """Fail naming every unreadable image (path and reason), unless told to skip them."""
+    if bad and not skip_bad:
+        listing = "\n".join(f"  {p}: {msg}" for p, msg in bad[:50])
+        more = f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
         raise ValueError(
-            f"{len(all_bad)} unreadable image(s) in {scan.root}:\n{listing}{more}\n"
+            f"{len(bad)} unreadable image(s) in {root}:\n{listing}{more}\n"
             "fix or remove them, or pass skip_bad_images=True (--skip-bad-images) to skip them"
         )
-    if all_bad:
-        log.warning("skipped %d unreadable image(s) in %s", len(all_bad), scan.root)
-        print(f"skipped {len(all_bad)} unreadable image(s)", flush=True)
-    for split, s in splits.items():
-        present = torch.bincount(s.labels, minlength=len(scan.classes))
-        empty = [scan.classes[i] for i in (present == 0).nonzero().flatten().tolist()]
-        if empty:
-            raise ValueError(f"split {split} has no usable images for class(es) {empty}")
-    return splits, scan.classes, decoded, len(all_bad), size
+    if bad:
+        log.warning("skipped %d unreadable image(s) in %s", len(bad), root)
+        print(f"skipped {len(bad)} unreadable image(s)", flush=True)
+
+
+def _check_classes(split: str, labels: torch.Tensor, classes: list[str]) -> None:
+    present = torch.bincount(labels, minlength=len(classes))
+    empty = [classes[i] for i in (present == 0).nonzero().flatten().tolist()]
+    if empty:
+        raise ValueError(f"split {split} has no usable images for class(es) {empty}")
+
+
+def _prepare_shards(
+    scan: FolderScan,
+    cache_dir: Path | str,
+    name: str,
+    key: str,
+    params: dict,
+    *,
+    workers: int | None,
+    max_pixels: int,
+    t0: float,
+) -> PreparedInfo:
+    """Write (or find) the shard store of an image folder; see ``shards.py`` for the format.
+
+    Memory stays bounded whatever the folder's size: only the file list and labels are held
+    (a few tens of bytes per image); pixels live in one image per worker at a time.
+    """
+    final = shards._join(cache_dir, f"{name}-{key}")
+    if shards.store_exists(final):
+        info = _read_info(final)
+        info.decoded_images, info.seconds = 0, round(time.perf_counter() - t0, 3)
+        print(f"cache hit: {final}", flush=True)
+        return info
+    remote = shards.is_remote(final)
+    tmp = Path(tempfile.mkdtemp(prefix="cnnpipe-store-")) if remote else _staging_dir(Path(final))
+    try:
+        items = {k: [(str(scan.root / rel), lab) for rel, lab in v] for k, v in scan.files.items()}
+        test_is_val = "test" not in items
+        if "val" not in items:
+            tr, va = stratified_holdout(
+                scan.labels("train"), params["val_fraction"], params["seed"]
+            )
+            full = items["train"]
+            items["val"] = [full[i] for i in va.tolist()]
+            items["train"] = [full[i] for i in tr.tolist()]
+        all_bad: list[tuple[str, str]] = []
+        counts: dict[str, int] = {}
+        labels: dict[str, torch.Tensor] = {}
+        for split in ("train", "val", "test"):
+            if split not in items:
+                continue
+            bad = shards.write_split(
+                items[split],
+                tmp / split,
+                cap=params["image_cap"],
+                quality=params["quality"],
+                max_pixels=max_pixels,
+                workers=workers,
+                label=split,
+            )
+            all_bad.extend(bad)
+            bad_paths = {p for p, _ in bad}
+            labels[split] = torch.tensor([lab for p, lab in items[split] if p not in bad_paths])
+            counts[split] = len(labels[split])
+            if sum(shards.read_index(tmp / split)) != counts[split]:
+                raise RuntimeError(f"shard store split {split} is incomplete; run prepare again")
+        _report_bad(all_bad, scan.root, params["skip_bad_images"])
+        for split, lab in labels.items():
+            _check_classes(split, lab, scan.classes)
+        mean, std = shards.sample_stats(tmp / "train", counts["train"], params["seed"])
+        if test_is_val:
+            counts["test"] = counts["val"]
+        info = PreparedInfo(
+            path=final if remote else Path(final),
+            dataset=name,
+            classes=list(scan.classes),
+            num_classes=len(scan.classes),
+            in_channels=3,
+            resolution=params["image_cap"],
+            splits=counts,
+            test_is_val=test_is_val,
+            mean=mean,
+            std=std,
+            source_hash=scan.content_hash,
+            cache_hit=False,
+            seconds=0.0,
+            skipped_bad_images=len(all_bad),
+            decoded_images=sum(len(v) for v in items.values()),
+            params={"key": key, **params},
+            storage="shards",
+        )
+        stored = [k for k in ("train", "val", "test") if k in items]
+        meta = {
+            "format": shards.STORE_FORMAT,
+            "storage": "shards",
+            "stored_splits": stored,
+            "info": info.to_dict(),
+        }
+        _write_json(tmp / "meta.json", meta)
+        if remote:
+            shards.upload_store(tmp, final)
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            _publish(tmp, Path(final))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    info.seconds = round(time.perf_counter() - t0, 3)
+    print(f"prepared {name} into {final} (shard store) in {info.seconds:.1f} s", flush=True)
+    return info
