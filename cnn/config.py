@@ -58,6 +58,7 @@ _HASH_EXCLUDED = frozenset(
         "mlflow_run_id",
         "mlflow_tracking_uri",
         "log_interval",
+        "progress_seconds",
         "target_accuracy",
     }
 )
@@ -131,6 +132,7 @@ class TrainConfig:
     mlflow_run_id: str | None = None
     mlflow_tracking_uri: str | None = None
     log_interval: int = 0  # print a line every N steps; 0 = per-epoch lines only
+    progress_seconds: float = 30.0  # also a progress line (images, img/s, ETA) every N s; 0 = off
 
     # ---------------------------------------------------------------- construction
 

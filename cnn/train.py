@@ -129,8 +129,68 @@ def _test_hooks() -> dict[str, int | None]:
 
 
 def _fmt_time(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """Progress lines during training: every `every_s` seconds (so a long epoch is never silent,
+    whatever the step count) and/or every `log_interval` steps. Only rank 0 calls `line`.
+
+    ETAs use the epoch's average step rate so far; the run's ETA adds the measured evaluation
+    time per remaining epoch (zero before the first evaluation)."""
+
+    def __init__(
+        self,
+        *,
+        every_s: float,
+        log_interval: int,
+        epochs: int,
+        steps_per_epoch: int,
+        global_batch: int,
+        clock: Any = time.perf_counter,
+    ) -> None:
+        self.every_s, self.log_interval = max(every_s, 0.0), log_interval
+        self.epochs, self.steps_per_epoch, self.global_batch = epochs, steps_per_epoch, global_batch
+        self.clock = clock
+        self.eval_s: list[float] = []
+        self.start_epoch(0, 0)
+
+    def start_epoch(self, epoch: int, step_in_epoch: int) -> None:
+        """Reset the windows at an epoch start (or a mid-epoch resume point)."""
+        self.epoch, self.first_step = epoch, step_in_epoch
+        self.t_epoch = self.t_last = self.clock()
+        self.step_last = step_in_epoch
+
+    def due(self, step: int) -> bool:
+        """True when a line is owed: `every_s` seconds since the last one, or a log step."""
+        if self.log_interval and step % self.log_interval == 0:
+            return True
+        return bool(self.every_s) and self.clock() - self.t_last >= self.every_s
+
+    def line(self, step_in_epoch: int, loss: float, lr: float) -> str:
+        """One line: epoch/step, images done, img/s over the window, loss, lr, ETAs."""
+        now = self.clock()
+        window = max(now - self.t_last, 1e-9)
+        ips = (step_in_epoch - self.step_last) * self.global_batch / window
+        rate = (step_in_epoch - self.first_step) / max(now - self.t_epoch, 1e-9)  # steps/s
+        left_epochs = self.epochs - self.epoch - 1  # after this one
+        left_steps = self.steps_per_epoch - step_in_epoch
+        eval_s = sum(self.eval_s) / len(self.eval_s) if self.eval_s else 0.0
+        inf = float("inf")
+        eta_epoch = left_steps / rate if rate > 0 else inf
+        left_run = left_steps + left_epochs * self.steps_per_epoch
+        eta_run = left_run / rate + (left_epochs + 1) * eval_s if rate > 0 else inf
+        done, total = step_in_epoch * self.global_batch, self.steps_per_epoch * self.global_batch
+        self.t_last, self.step_last = now, step_in_epoch
+        return (
+            f"  progress epoch {self.epoch + 1}/{self.epochs} step {step_in_epoch}/"
+            f"{self.steps_per_epoch} images {done}/{total} ({done / max(total, 1):.0%}) "
+            f"{ips:.0f} img/s loss {loss:.4f} lr {lr:.4g} "
+            f"eta epoch {_fmt_time(eta_epoch)} run {_fmt_time(eta_run)}"
+        )
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -373,9 +433,17 @@ def _run(cfg: TrainConfig, info: D.DistInfo, t_start: float) -> dict[str, Any]:
     # ---- the loop
     epoch_times: list[float] = []
     global_batch = cfg.batch_size
+    progress = Progress(
+        every_s=cfg.progress_seconds,
+        log_interval=cfg.log_interval,
+        epochs=cfg.epochs,
+        steps_per_epoch=steps_per_epoch,
+        global_batch=global_batch,
+    )
     stop = epoch >= cfg.epochs
     while not stop:
         t_epoch = t_mark = time.perf_counter()  # t_mark: last time train_seconds was updated
+        progress.start_epoch(epoch, start_batch // accum)
         loaders.train.set_epoch(epoch)
         model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -384,7 +452,6 @@ def _run(cfg: TrainConfig, info: D.DistInfo, t_start: float) -> dict[str, Any]:
         step_loss = torch.zeros((), dtype=torch.float32, device=device)
         base = partial if start_batch else [0.0, 0, 0]
         n_micro = steps_per_epoch * accum
-        t_log, steps_since_log = time.perf_counter(), 0
         for i, (x, y) in enumerate(loaders.train.iterate(start_batch=start_batch), start_batch):
             if i >= n_micro:  # leftover micro-batches that do not fill an optimizer step
                 break
@@ -419,7 +486,6 @@ def _run(cfg: TrainConfig, info: D.DistInfo, t_start: float) -> dict[str, Any]:
             if ema is not None:
                 ema.update_parameters(raw)
             step += 1
-            steps_since_log += 1
             meta["train_images"] += global_batch
             if hooks["kill_step"] == step and info.rank == hooks["kill_rank"]:
                 os.kill(os.getpid(), signal.SIGKILL)  # TEST HOOK: a rank dies mid-epoch
@@ -427,15 +493,9 @@ def _run(cfg: TrainConfig, info: D.DistInfo, t_start: float) -> dict[str, Any]:
             want_ckpt = cfg.ckpt_interval_steps and step % cfg.ckpt_interval_steps == 0
             if step % check_every == 0 or want_ckpt or at_epoch_end:
                 check_finite()
-            if cfg.log_interval and step % cfg.log_interval == 0:
-                dt = time.perf_counter() - t_log
-                log(
-                    f"  step {step}/{cfg.epochs * steps_per_epoch} loss {step_loss.item():.4f} "
-                    f"lr {scheduler.get_last_lr()[0]:.4g} "
-                    f"{steps_since_log * global_batch / max(dt, 1e-9):.0f} img/s",
-                    flush=True,
-                )
-                t_log, steps_since_log = time.perf_counter(), 0
+            if is_main and progress.due(step):
+                line = progress.line((i + 1) // accum, step_loss.item(), scheduler.get_last_lr()[0])
+                log(line, flush=True)
             step_loss.zero_()
             if want_ckpt and not at_epoch_end:
                 sums = D.all_reduce_sum(torch.stack([loss_sum, correct.double(), seen.double()]))
@@ -452,6 +512,7 @@ def _run(cfg: TrainConfig, info: D.DistInfo, t_start: float) -> dict[str, Any]:
         train_time = now - t_epoch
         images = (n_micro - start_batch) // accum * global_batch
         meta["train_seconds"] += now - t_mark
+        t_eval = time.perf_counter()
         val = evaluate(
             ema.module if ema is not None else eval_model,
             loaders.val,
@@ -460,6 +521,7 @@ def _run(cfg: TrainConfig, info: D.DistInfo, t_start: float) -> dict[str, Any]:
             autocast_dtype=amp_dtype,
             channels_last=cfg.channels_last,
         )
+        progress.eval_s.append(time.perf_counter() - t_eval)
         epoch += 1
         start_batch = 0
         epoch_times.append(time.perf_counter() - t_epoch)
