@@ -21,6 +21,24 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 OUTPUTS = ("probabilities", "logits")
+EXPORT_BATCH = 2  # trace with 2 images: torch.export specialises a batch of 1 to a constant
+
+
+class ExportedNetwork(nn.Module):
+    """A `torch.export` graph as a submodule. Exported graphs are frozen in eval mode and raise
+    on `.train()`/`.eval()`, which every parent module calls on its children; this wrapper
+    absorbs those calls so an `ImageClassifier` can hold one."""
+
+    def __init__(self, graph: nn.Module) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def train(self, mode: bool = True) -> ExportedNetwork:
+        self.training = mode  # the graph itself stays as exported (eval)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.graph(x)
 
 
 def _per_channel(values: Sequence[float]) -> torch.Tensor:
@@ -113,6 +131,65 @@ class ImageClassifier(nn.Module):
             [(self.classes[int(i)], float(v)) for v, i in zip(vs, ix, strict=True)]
             for vs, ix in zip(values.cpu(), indices.cpu(), strict=True)
         ]
+
+
+def preprocessing_config(clf: ImageClassifier) -> dict[str, Any]:
+    """Everything a consumer needs besides the network (JSON-friendly): what the served model
+    (tasks/served_model.py) and `from_exported` read back."""
+    return {
+        "classes": list(clf.classes),
+        "input_size": clf.input_size,
+        "resize_size": clf.resize_size,
+        "in_channels": clf.in_channels,
+        "mean": [float(v) for v in clf.mean.flatten()],
+        "std": [float(v) for v in clf.std.flatten()],
+        "info": {k: v for k, v in clf.info.items() if isinstance(v, (str, int, float, bool))},
+    }
+
+
+def export_network(clf: ImageClassifier, path: str | Path) -> Path:
+    """Save the bare network as a `torch.export` program (`.pt2`) with a dynamic batch
+    dimension at the network's input size; loading it needs torch only (no model code). The
+    exported graph is checked against the eager network before it is written.
+
+    Every registered family exports (tested: LeNet, AlexNet, VGG, GoogLeNet with its auxiliary
+    heads, Inception v3, ResNet/ResNeXt/Wide ResNet, DenseNet, SqueezeNet, ShuffleNet,
+    MobileNet v2/v3, MnasNet, EfficientNet, RegNet, ConvNeXt, Swin, ViT): in eval mode each is
+    a static graph whose only dynamic size is the batch."""
+    net = clf.model.cpu().eval()
+    size, ch = clf.input_size, clf.in_channels
+    example = torch.rand(EXPORT_BATCH, ch, size, size, generator=torch.Generator().manual_seed(0))
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    with torch.no_grad():
+        program = torch.export.export(net, (example,), dynamic_shapes=({0: batch},), strict=False)
+        want = net(example)
+        want = getattr(want[0] if isinstance(want, (tuple, list)) else want, "logits", want)
+        got = program.module()(example)
+    if not torch.allclose(got, want, rtol=1e-3, atol=1e-4):
+        raise RuntimeError(
+            f"torch.export of {clf.info.get('model', type(net).__name__)} changed its outputs "
+            f"(max difference {float((got - want).abs().max()):.2e}); not logging it"
+        )
+    path = Path(path)
+    torch.export.save(program, str(path))
+    return path
+
+
+def from_exported(network: str | Path | nn.Module, config: dict[str, Any]) -> ImageClassifier:
+    """An `ImageClassifier` around an exported network (a `.pt2` path or a loaded graph) and
+    its `preprocessing_config`: how `cnnpipe predict/evaluate` use a registered model."""
+    if isinstance(network, (str, Path)):
+        network = torch.export.load(str(network)).module()
+    return ImageClassifier(
+        ExportedNetwork(network),
+        classes=config["classes"],
+        input_size=int(config["input_size"]),
+        resize_size=int(config["resize_size"]),
+        mean=config["mean"],
+        std=config["std"],
+        in_channels=int(config["in_channels"]),
+        info=dict(config.get("info") or {}),
+    )
 
 
 def from_checkpoint(

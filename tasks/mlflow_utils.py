@@ -112,6 +112,20 @@ def check_tracking(uri: str | None = None, timeout: float = 5.0, create: bool = 
     return uri
 
 
+@contextlib.contextmanager
+def _env(key: str, value: str) -> Iterator[None]:
+    """Set an environment variable for the duration of a block."""
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
 def client(uri: str | None = None) -> Any:
     import mlflow
 
@@ -186,15 +200,26 @@ def _pip_requirements() -> list[str]:
     return reqs
 
 
-def model_signature(in_channels: int, num_classes: int) -> Any:
-    """uint8 images of any size in (N, C, H, W), class probabilities out (N, classes)."""
+SERVED_MODEL_FILE = Path(__file__).with_name("served_model.py")
+
+
+def model_signature(in_channels: int, classes: list[str] | None = None) -> Any:
+    """uint8 images of any size in (N, C, H, W); per image the top `label`, its `probability`
+    and every class's probability by name out."""
     import numpy as np
     from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.types import ColSpec, DataType, Schema, TensorSpec
+    from mlflow.types.schema import Map
 
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, in_channels, -1, -1))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
+        outputs=Schema(
+            [
+                ColSpec(DataType.string, "label"),
+                ColSpec(DataType.double, "probability"),
+                ColSpec(Map(DataType.double), "probabilities"),
+            ]
+        ),
     )
 
 
@@ -216,35 +241,53 @@ def find_logged_model(run_id: str, name: str = "model", uri: str | None = None) 
 def log_model(
     run_id: str, model: Any, example: Any, *, name: str = "model", uri: str | None = None
 ) -> str:
-    """Log the self-contained `ImageClassifier` with a signature and a uint8 input example;
-    returns its model URI. Idempotent per (run, name)."""
+    """Log an `ImageClassifier` as a model that needs nothing of this project: the network as
+    a `torch.export` program (`.pt2`, dynamic batch) plus `tasks/served_model.py` (MLflow model
+    from code: resize, normalisation, class names) and a JSON of the preprocessing. It loads
+    and serves where only mlflow, torch and torchvision are installed. Signature and a uint8
+    input example included; returns the model URI. Idempotent per (run, name)."""
+    import json
+    import tempfile
+
     existing = find_logged_model(run_id, name, uri)
     if existing:
         return existing
     import mlflow
-    import mlflow.pytorch
+    from mlflow.models import Model
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(uri))  # log_model uses the process default
-    # Create the LoggedModel in the run's experiment explicitly: log_model alone would put it in
-    # the process's "current" experiment, which is not the run's when no run is active.
-    logged = mlflow.initialize_logged_model(
-        name=name,
-        source_run_id=run_id,
-        experiment_id=client(uri).get_run(run_id).info.experiment_id,
-    )
-    info = mlflow.pytorch.log_model(
-        model.cpu().eval(),
-        name=name,
-        run_id=run_id,
-        model_id=logged.model_id,
-        signature=model_signature(model.in_channels, model.num_classes),
-        input_example=example,
-        pip_requirements=_pip_requirements(),
-        metadata={"classes": model.classes, "input_size": model.input_size},
-        # pickle, not MLflow 3's default pt2 (torch.export): an exported graph is traced at the
-        # example's image size, and this model must accept images of any size.
-        serialization_format="pickle",
-    )
+    from cnn.export import export_network, preprocessing_config
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(uri))  # Model.log uses the process default
+    config = preprocessing_config(model)
+    # MLflow copies a uv project's uv.lock into the model when logged from its folder; this
+    # model needs only `pip_requirements`, not this project's lock.
+    with tempfile.TemporaryDirectory() as tmp, _env("MLFLOW_LOG_UV_FILES", "false"):
+        network = export_network(model, Path(tmp) / "network.pt2")
+        prep = Path(tmp) / "preprocessing.json"
+        prep.write_text(json.dumps(config, indent=1))
+        # Create the LoggedModel in the run's experiment explicitly: logging alone would put it
+        # in the process's "current" experiment, which is not the run's when no run is active.
+        logged = mlflow.initialize_logged_model(
+            name=name,
+            source_run_id=run_id,
+            experiment_id=client(uri).get_run(run_id).info.experiment_id,
+            model_type="image-classifier",
+            tags={"architecture": str(config["info"].get("model", "")), "format": "pt2"},
+        )
+        info = Model.log(
+            artifact_path=None,
+            name=name,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            model_id=logged.model_id,
+            python_model=str(SERVED_MODEL_FILE),
+            artifacts={"network": str(network), "preprocessing": str(prep)},
+            signature=model_signature(model.in_channels, config["classes"]),
+            input_example=example,
+            pip_requirements=_pip_requirements(),
+            metadata={"classes": config["classes"], "input_size": config["input_size"]},
+            flavor_name="pyfunc.ModelFromCode",
+        )
     return info.model_uri
 
 
@@ -351,26 +394,50 @@ def register_version(
 # -------------------------------------------------------------------- model loading
 
 
+def _missing_model_error(model_uri: str, tracking: str, exc: BaseException) -> ValueError:
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ValueError(
+        f"model URI {model_uri!r} was not found in {tracking} ({msg}); list models with "
+        "`mlflow models` / the MLflow UI, e.g. models:/lenet5-cifar10@champion"
+    )
+
+
 def load_model(model_uri: str, uri: str | None = None) -> Any:
-    """Load a logged/registered `ImageClassifier` (`models:/NAME@champion`, `runs:/ID/model`,
-    `models:/NAME/3`); a clear ValueError when the URI names nothing."""
-    import mlflow.pytorch
+    """Load a logged/registered classifier (`models:/NAME@champion`, `runs:/ID/model`,
+    `models:/NAME/3`) as an `ImageClassifier` through `mlflow.pyfunc.load_model`: the same
+    exported network and preprocessing that a bare environment or `mlflow models serve` uses.
+    A clear ValueError naming the URI when it names nothing or its files are missing, checked
+    before anything is loaded."""
+    import mlflow
     from mlflow.exceptions import MlflowException
 
-    mlflow_uri = resolve_tracking_uri(uri)
-    import mlflow
+    from cnn.export import from_exported
 
-    mlflow.set_tracking_uri(mlflow_uri)
+    tracking = resolve_tracking_uri(uri)
+    mlflow.set_tracking_uri(tracking)
     try:
-        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri)
     except MlflowException as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(
-            f"model URI {model_uri!r} was not found in {mlflow_uri} ({msg}); list models with "
-            "`mlflow models` / the MLflow UI, e.g. models:/lenet5-cifar10@champion"
-        ) from None
+        raise _missing_model_error(model_uri, tracking, exc) from None
     except OSError as exc:
+        raise ValueError(f"model URI {model_uri!r}: its files could not be read ({exc})") from None
+    if not (Path(local) / "MLmodel").is_file():
+        raise ValueError(
+            f"model URI {model_uri!r} has no MLmodel file in its artifacts ({local}); the model's "
+            "files are missing or incomplete: log and register it again"
+        )
+    try:
+        pyfunc = mlflow.pyfunc.load_model(local)
+    except (MlflowException, OSError, RuntimeError) as exc:
         raise ValueError(f"model URI {model_uri!r} could not be loaded: {exc}") from None
+    inner = None
+    with contextlib.suppress(MlflowException, AttributeError):
+        inner = pyfunc.unwrap_python_model()
+    if inner is not None and hasattr(inner, "network") and hasattr(inner, "config"):
+        return from_exported(inner.network, inner.config)
+    import mlflow.pytorch  # a version logged before the exported format: a pickled module
+
+    model = mlflow.pytorch.load_model(local, map_location="cpu")
     if not hasattr(model, "classes") or not hasattr(model, "preprocess"):
         raise ValueError(
             f"{model_uri!r} is not a cnnpipe image classifier (no class names/preprocessing)"
