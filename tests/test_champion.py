@@ -20,7 +20,10 @@ CIFAR = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse"
 
 
 @pytest.fixture()
-def store(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+def store(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    monkeypatch.chdir(tmp_path)  # artifacts (./mlruns) land in tmp_path
     uri = copy_store(mlflow_template(tmp_path_factory.getbasetemp()), tmp_path)
     return mlflow_utils.check_tracking(uri)
 

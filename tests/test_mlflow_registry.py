@@ -16,11 +16,14 @@ from flows_helpers import copy_store, mlflow_template
 
 from cnn.export import ImageClassifier
 from cnn.models import get_model
-from tasks import mlflow_utils
+from tasks import mlflow_utils, registry
 
 
 @pytest.fixture()
-def store(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+def store(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    monkeypatch.chdir(tmp_path)  # artifacts (./mlruns) land in tmp_path
     uri = copy_store(mlflow_template(tmp_path_factory.getbasetemp()), tmp_path)
     return mlflow_utils.check_tracking(uri)
 
@@ -68,11 +71,12 @@ def test_champion_moves_only_on_better_accuracy_and_retries_add_nothing(store: s
     model = _classifier()
     example = np.random.default_rng(0).integers(0, 256, (2, 3, 40, 40), dtype=np.uint8)
     runs = [mlflow_utils.start_run(f"r{i}", uri=store) for i in range(3)]
+    same_data = registry.DataIdentity("tiny", "0123abcd", ("a", "b", "c"), "test,n=30")
 
     def register(run: str, acc: float) -> mlflow_utils.Registration:
         uri = mlflow_utils.log_model(run, model, example)
         return mlflow_utils.register_version(uri, name="lenet5-tiny", run_id=run,
-                                             test_accuracy=acc)  # fmt: skip
+                                             test_accuracy=acc, identity=same_data)  # fmt: skip
 
     first = register(runs[0], 0.50)
     assert (first.version, first.champion, first.reused) == ("1", True, False)
@@ -100,7 +104,8 @@ def test_champion_moves_only_on_better_accuracy_and_retries_add_nothing(store: s
 
 def test_logged_model_is_self_contained(store: str) -> None:
     """The registered model takes raw uint8 images of any size and knows its classes; its
-    signature says so; MLflow's generic pyfunc interface serves it too."""
+    signature says so; MLflow's generic pyfunc interface answers with class names
+    (tests/test_serving.py loads it where cnnpipe is not installed)."""
     import mlflow
 
     model = _classifier()
@@ -116,8 +121,9 @@ def test_logged_model_is_self_contained(store: str) -> None:
     spec = info.signature.inputs.inputs[0]
     assert spec.type == np.dtype(np.uint8) and spec.shape == (-1, 3, -1, -1)
     pyfunc = mlflow.pyfunc.load_model("models:/tiny@champion")
-    probs = pyfunc.predict(big.numpy())
-    assert probs.shape == (1, 3) and abs(float(probs.sum()) - 1.0) < 1e-5
+    out = pyfunc.predict(big.numpy())
+    assert len(out) == 1 and out["label"][0] in ("a", "b", "c")
+    assert abs(sum(out["probabilities"][0].values()) - 1.0) < 1e-5
 
 
 def test_unknown_model_uri_is_a_clear_error(store: str) -> None:
