@@ -221,6 +221,23 @@ def _s3_client() -> Any:
     return boto3.client("s3")
 
 
+def _allow_plain_http_endpoint() -> None:
+    """Let LitData's obstore downloader reach an ``http://`` endpoint (MinIO, a local server).
+
+    boto3 accepts ``AWS_ENDPOINT_URL=http://...`` as is; obstore, which LitData 0.2.76 uses for
+    chunk downloads, refuses plain HTTP unless its client option ``allow_http`` is set, and
+    LitData passes fixed client options (no setting reaches them): every download then fails
+    with "builder error". So the option is added to that dict, for http endpoints only.
+    """
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", "")
+    if endpoint.startswith("http://"):
+        from litdata.streaming import downloader
+
+        options = getattr(downloader, "_OBSTORE_CLIENT_OPTIONS", None)
+        if isinstance(options, dict):
+            options["allow_http"] = True
+
+
 def _split_url(url: str) -> tuple[str, str]:
     bucket, _, key = url[len("s3://") :].partition("/")
     return bucket, key.rstrip("/")
@@ -300,7 +317,23 @@ class StoreSplit:
 
     def __init__(self, url: str, size: int, chunk_sizes: list[int], cache_dir: str | None = None):
         self.url, self.size, self.chunk_sizes, self.cache_dir = url, size, chunk_sizes, cache_dir
-        self._ds: Any = None
+        # Opened here, in the process that builds the loaders: for a remote store LitData
+        # downloads index.json now, before DataLoader workers start (they inherit the object,
+        # or re-open it from the local cache when unpickled).
+        self._ds: Any = self._open()
+
+    def _open(self) -> Any:
+        from litdata import StreamingDataset
+
+        if is_remote(self.url):
+            _allow_plain_http_endpoint()
+        ds = StreamingDataset(self.url, cache_dir=self.cache_dir)
+        # Download whole chunks (our permutation reads a chunk window at a time) instead of
+        # one ranged GET per sample, which LitData 0.2.76 also cannot do for the Arrow chunks
+        # it writes when pyarrow is installed (it returns empty bytes). The public setter
+        # needs the reader, which exists only after a first read.
+        ds._on_demand_bytes = False
+        return ds
 
     def __len__(self) -> int:
         return self.size
@@ -310,9 +343,7 @@ class StoreSplit:
 
     def __getitem__(self, i: int) -> tuple[bytes, int]:
         if self._ds is None:
-            from litdata import StreamingDataset
-
-            self._ds = StreamingDataset(self.url, cache_dir=self.cache_dir)
+            self._ds = self._open()
         item = self._ds[int(i)]
         return item["image"], int(item["label"])
 
