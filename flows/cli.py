@@ -148,6 +148,40 @@ def _arm_exit_watchdog(code: int, seconds: float = EXIT_GRACE_S) -> None:
     _WATCHDOG.append(timer)
 
 
+def _shutdown_prefect(timeout: float) -> None:
+    """Deliver Prefect's queued logs and events while its API still runs, then stop the
+    embedded server, all within `timeout` seconds (each step in a daemon thread)."""
+    if "prefect" not in sys.modules:
+        return
+
+    def drain() -> None:
+        from prefect._internal.concurrency.services import _QueueServiceBase
+
+        classes, stack = [], list(_QueueServiceBase.__subclasses__())
+        while stack:
+            cls = stack.pop()
+            classes.append(cls)
+            stack.extend(cls.__subclasses__())
+        for cls in classes:
+            with contextlib.suppress(Exception):
+                if getattr(cls, "_instances", None):
+                    cls.drain_all(timeout=timeout)  # type: ignore[attr-defined]
+
+    def stop_server() -> None:
+        server_module = sys.modules.get("prefect.server.api.server")
+        if server_module is None:
+            return
+        for server in list(server_module.SubprocessASGIServer._instances.values()):
+            with contextlib.suppress(Exception):
+                server.stop()
+
+    deadline = time.monotonic() + timeout
+    for step in (drain, stop_server):
+        thread = threading.Thread(target=step, daemon=True)
+        thread.start()
+        thread.join(max(deadline - time.monotonic(), 0.5))
+
+
 def _install_signal_handlers() -> None:
     """SIGINT and SIGTERM (Ctrl-C, `kill`, a scheduler, a process worker cancelling the run)
     stop every training job of this process and forbid new ones before the exception unwinds
@@ -232,8 +266,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from tasks.plan import check_dataset, check_download
 
     check_dataset(args.dataset, args.data_dir)
-    check_download(args.dataset, args.data_dir, args.cache_dir, val_fraction=args.val_fraction,
-                   seed=args.seed)  # fmt: skip
+    check_download(args.dataset, args.data_dir, args.cache_dir)
     from cnn.data import prepare_dataset
 
     with _stdout_to_stderr(args.json) as emit:
@@ -245,12 +278,30 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
             val_fraction=args.val_fraction,
             seed=args.seed,
             skip_bad_images=args.skip_bad_images,
+            **_prepare_settings(args.overrides),
         )
         if args.json:
             emit(info.to_dict())
         else:
             print(info.summary(), file=sys.stderr)
     return 0
+
+
+def _prepare_settings(overrides: list[str] | None) -> dict[str, Any]:
+    """``--set storage=shards image_cap=320 max_image_pixels=N`` for ``cnnpipe prepare``, checked
+    by the same config fields (and messages) as ``cnnpipe train --set``."""
+    from cnn.config import TrainConfig, parse_overrides
+
+    keys = ("storage", "image_cap", "max_image_pixels")
+    values = parse_overrides(overrides or [])
+    unknown = sorted(set(values) - set(keys))
+    if unknown:
+        raise ValueError(
+            f"cnnpipe prepare --set accepts {', '.join(keys)}; got {', '.join(unknown)}"
+        )
+    cfg = TrainConfig().replace(**values)
+    cfg.validate()
+    return {k: getattr(cfg, k) for k in keys}
 
 
 def _train_params(args: argparse.Namespace) -> dict[str, Any]:
@@ -337,9 +388,9 @@ def _print_train_summary(r: dict[str, Any]) -> None:
         lines.append(
             f"registered {r['model_name']} v{r['model_version']} ({crown}: {r['champion_reason']})"
         )
-        lines.append(
-            f"model URI: {r.get('model_uri') or 'models:/' + r['model_name'] + '@champion'}"
-        )
+        # The URI to paste into `cnnpipe predict/evaluate --model-uri` (README's next step).
+        ref = "@champion" if r["champion"] else f"/{r['model_version']}"
+        lines.append(f"model URI: models:/{r['model_name']}{ref}")
     lines.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["timings"].items()))
     print("\n".join(lines), flush=True)
 
@@ -526,6 +577,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-bad-images", action="store_true")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        metavar="KEY=VALUE",
+        help="storage=auto|memory|shards, image_cap=PX (shard store), max_image_pixels=N",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_prepare)
 
@@ -652,10 +710,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if console:
             _EXITING = True
+            _arm_exit_watchdog(code)
+            _shutdown_prefect(timeout=3.0)
             with contextlib.suppress(Exception):
                 sys.stdout.flush()
                 sys.stderr.flush()
-            _arm_exit_watchdog(code)
+            # Skip the interpreter's exit machinery: Prefect's services drain at exit into a
+            # server its own atexit hook has already stopped, and wait for it (minutes). Jobs
+            # are done, output is flushed, and the Prefect server is stopped above (or by its
+            # parent watchdog once this process is gone).
+            os._exit(code)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ Prefect's API starts and before anything is written anywhere. Two stages:
    split, output dir, MLflow SQLite folder). Model names and their metadata come from
    `tasks/models_table.json`, a table kept in step with the registry by a test, so a typo
    fails before `import torch` (which alone takes seconds).
+   A dataset download's host must resolve (else the offline route is shown, in seconds).
 2. Checks that need torch: the device, a pretrained file (exists, loads with
    `weights_only=True`, fits the architecture), a pretrained weights name (in the torch hub
-   cache, or its host reachable), a dataset download (its host reachable, else the offline
-   route).
+   cache, or its host resolves).
 
 The flow calls `plan_training` again (deployments skip the CLI); within one process the second
 call with the same arguments is answered from a memo, so validation is not done twice.
@@ -355,49 +355,38 @@ def check_download(
     data_dir: str | Path,
     cache_dir: str | Path | None = None,
     *,
-    val_fraction: float = 0.1,
-    seed: int = 0,
     download: bool = True,
     mirror: str | None = None,
 ) -> None:
-    """A dataset that must be downloaded can be: its files or tensor cache are here, or a
-    download host resolves. Offline, fail now (not after minutes of retries) with the route
-    that works offline."""
+    """A dataset that must be downloaded can be: its files or a tensor cache of it are here,
+    or a download host resolves. Offline, fail now (not after minutes of retries) with the
+    route that works offline. No torch: file names and URLs come from the table."""
     key = _dataset_key(dataset)
     if key == "imagefolder":
         return
-    import hashlib
-
-    from cnn.data.prepare import cache_key
-    from cnn.data.sources import get_source, resolve_urls
-
-    spec = get_source(key)
+    source = models_table()["sources"][key]
     data_dir = Path(data_dir)
     cache = Path(cache_dir) if cache_dir is not None else data_dir / "cache"
-    source_hash = hashlib.sha256(
-        ",".join(f"{f.filename}:{f.md5}" for f in spec.files).encode()
-    ).hexdigest()
-    ckey = cache_key(dataset=spec.name, source_hash=source_hash, val_fraction=val_fraction,
-                     seed=seed)  # fmt: skip
-    if (cache / f"{spec.name}-{ckey}" / "meta.json").exists():
-        return
-    raw = data_dir / "raw" / spec.name
-    missing = [f for f in spec.files if not (raw / f.filename).is_file()]
+    if cache.is_dir() and any(cache.glob(f"{key}-*/meta.json")):
+        return  # prepared before: prepare checks its own key, the job gets a cache hit
+    raw = data_dir / "raw" / key
+    missing = [f for f in source["files"] if not (raw / f["filename"]).is_file()]
     if not missing:
         return
     if not download:
         raise FileNotFoundError(
-            f"{raw / missing[0].filename} is missing and download is off; put the file there, "
-            f"allow the download, or {OFFLINE_ROUTE}"
+            f"{raw / missing[0]['filename']} is missing and download is off; put the file "
+            f"there, allow the download, or {OFFLINE_ROUTE}"
         )
-    urls = [u for f in missing for u in resolve_urls(f, mirror)]
+    mirror = mirror or os.environ.get("CNNPIPE_DATA_MIRROR") or None
+    urls = [mirror] if mirror else [u for f in missing for u in f["urls"]]
     hosts = sorted({urlparse(u).hostname or "" for u in urls} - {""})
     if any(host_resolves(h) for h in hosts):
         return
     raise DownloadUnavailableError(
-        f"cannot download {spec.name}: {', '.join(hosts)} does not resolve (no network?). Put "
-        f"{missing[0].filename} in {raw}, set $CNNPIPE_DATA_MIRROR to a reachable mirror, or "
-        f"{OFFLINE_ROUTE}"
+        f"cannot download {key}: {', '.join(hosts)} does not resolve (no network?). Put "
+        f"{missing[0]['filename']} in {raw}, set $CNNPIPE_DATA_MIRROR to a reachable mirror, "
+        f"or {OFFLINE_ROUTE}"
     )
 
 
@@ -584,11 +573,11 @@ def plan_training(
         n = _TRAIN_SIZES.get(key)
         if n:
             _check_batch(cfg, int(n * (1 - cfg.val_fraction)), f"{key} train", world)
+        check_download(cfg.dataset, cfg.data_dir, cfg.cache_dir, download=cfg.download,
+                       mirror=cfg.mirror)  # fmt: skip
     # Stage 2: checks that need torch (validate's device/model part, weights, downloads).
     cfg.validate(nproc_per_node=nproc_per_node, nnodes=nnodes)
     check_pretrained(cfg)
-    check_download(cfg.dataset, cfg.data_dir, cfg.cache_dir, val_fraction=cfg.val_fraction,
-                   seed=cfg.seed, download=cfg.download, mirror=cfg.mirror)  # fmt: skip
     _MEMO[memo_key] = (copy.deepcopy(cfg), launch)
     return cfg, launch
 

@@ -1,0 +1,191 @@
+"""Issue 10, item 1: everything checkable is checked in the plan step, before Prefect, MLflow or
+torchrun start. Each case feeds the real bad input to the real CLI and asserts exit code 2 (1 for
+an offline download), one line naming the problem and the fix, a time bound, and that nothing
+was written: no MLflow store, no run folder, no tensor cache, no folder the user did not ask for.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from flows_helpers import REPO, tiny_dataset
+
+from flows.cli import main
+from tasks.plan import host_resolves
+
+TRAIN = ["train", "--model", "lenet5", "--dataset", "imagefolder", "--data-dir", "data",
+         "--batch-size", "4"]  # fmt: skip
+
+
+@pytest.fixture()
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    tiny_dataset(tmp_path / "data", n_train=4, n_val=2)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _snapshot(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def _fails(argv: list[str], capsys: pytest.CaptureFixture[str], root: Path, code: int = 2) -> str:
+    """Run the CLI in-process; check exit code, one line, CPU-time bound, nothing written."""
+    before = _snapshot(root)
+    t0 = time.process_time()
+    got = main(argv)
+    seconds = time.process_time() - t0
+    out, err = capsys.readouterr()
+    assert got == code, err
+    assert out == ""
+    assert err.startswith(f"cnnpipe {argv[0]}: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    assert seconds < 20
+    assert _snapshot(root) == before, "the check wrote something"
+    return err
+
+
+def test_pretrained_file_missing(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _fails([*TRAIN, "--pretrained", "weights/nothere.pth"], capsys, workdir)
+    assert "nothere.pth" in err and "does not exist" in err
+
+
+def test_pretrained_file_of_random_bytes(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (workdir / "junk.pth").write_bytes(os.urandom(4096))
+    err = _fails([*TRAIN, "--pretrained", "junk.pth"], capsys, workdir)
+    assert "junk.pth" in err and "weights_only=True" in err
+    assert "Re-running" not in err  # PyTorch's advice to retry unsafely is not passed on
+
+
+def test_pretrained_file_for_another_architecture(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cnn.models import get_model
+
+    torch.save(get_model("lenet5", num_classes=3).state_dict(), workdir / "lenet.pth")
+    argv = ["train", "--model", "alexnet_cifar", "--dataset", "imagefolder", "--data-dir", "data",
+            "--batch-size", "4", "--pretrained", "lenet.pth"]  # fmt: skip
+    err = _fails(argv, capsys, workdir)
+    assert "does not fit model 'alexnet_cifar'" in err and "missing keys" in err
+
+
+def test_pretrained_weights_name_offline(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if host_resolves("download.pytorch.org"):
+        pytest.skip("this machine resolves download.pytorch.org (online)")
+    argv = ["train", "--model", "mobilenet_v2", "--dataset", "imagefolder", "--data-dir", "data",
+            "--batch-size", "4", "--pretrained", "DEFAULT"]  # fmt: skip
+    err = _fails(argv, capsys, workdir)
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / "mobilenet_v2-7ebf99e0.pth"
+    assert str(hub) in err and "--pretrained PATH" in err
+
+
+def test_one_class_only(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for split in ("train", "val"):
+        for cls in ("bees", "wasps"):
+            for f in (workdir / "data" / split / cls).iterdir():
+                f.unlink()
+            (workdir / "data" / split / cls).rmdir()
+    err = _fails(TRAIN, capsys, workdir)
+    assert "at least 2" in err and "'ants'" in err
+
+
+def test_empty_class_folder(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for f in (workdir / "data" / "val" / "wasps").iterdir():
+        f.unlink()
+    err = _fails(TRAIN, capsys, workdir)
+    assert "val/wasps has no images" in err
+
+
+def test_batch_larger_than_the_training_split(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = _fails([*TRAIN, "--batch-size", "64"], capsys, workdir)
+    assert "batch_size=64" in err and "12 images" in err and "--batch-size 12" in err
+
+
+def test_data_dir_is_a_file(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (workdir / "archive.tar.gz").write_bytes(b"not a folder")
+    argv = ["train", "--model", "lenet5", "--dataset", "imagefolder", "--data-dir",
+            "archive.tar.gz"]  # fmt: skip
+    err = _fails(argv, capsys, workdir)
+    assert "is a file, not a directory" in err and "tar -xzf" in err
+
+
+def test_output_dir_is_a_file(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (workdir / "out").write_text("a file")
+    err = _fails([*TRAIN, "--output-dir", "out"], capsys, workdir)
+    assert "--output-dir out is a file" in err
+    err = _fails([*TRAIN, "--output-dir", "out/run1"], capsys, workdir)
+    assert "cannot be created" in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_output_dir_not_writable(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (workdir / "ro").mkdir(mode=0o555)
+    err = _fails([*TRAIN, "--output-dir", "ro/run"], capsys, workdir)
+    assert "not writable" in err
+
+
+def test_mlflow_sqlite_folder_missing_is_not_created(
+    workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = workdir / "nonexistent" / "dir"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{missing}/mlflow.db")
+    err = _fails(TRAIN, capsys, workdir)
+    assert f"folder {missing} does not exist" in err
+    assert not (workdir / "nonexistent").exists()
+
+
+def test_yaml_parse_error_names_file_line_column(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (workdir / "bad.yaml").write_text("epochs: 3\nlr: [0.1, 0.2\nbatch_size: 4\n")
+    argv = ["train", "--model", "lenet5", "--dataset", "imagefolder", "--data-dir", "data",
+            "--config", "bad.yaml"]  # fmt: skip
+    err = _fails(argv, capsys, workdir)
+    assert "bad.yaml:3:" in err and "invalid YAML" in err
+
+
+def test_evaluate_test_split_of_a_folder_without_one(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["evaluate", "--model-uri", "models:/x@champion", "--dataset", "imagefolder",
+            "--data-dir", "data", "--split", "test"]  # fmt: skip
+    err = _fails(argv, capsys, workdir)
+    assert "no test/ split" in err and "--split val" in err
+
+
+def _cli(
+    args: list[str], cwd: Path, timeout: float
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
+    env["PYTHONPATH"] = str(REPO)
+    env.pop("CNNPIPE_DATA_MIRROR", None)
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return proc, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("command", ["train", "prepare"])
+def test_offline_download_fails_fast_with_the_offline_route(tmp_path: Path, command: str) -> None:
+    """Item 7: the README's first command, offline: no retries of a DNS failure, < 15 s, and
+    the error shows the route that works offline. A real process, as a user runs it."""
+    if host_resolves("www.cs.toronto.edu"):
+        pytest.skip("this machine resolves www.cs.toronto.edu (online)")
+    args = [command, "--dataset", "cifar10", "--data-dir", "data"]
+    if command == "train":
+        args[1:1] = ["--model", "lenet5"]
+    proc, wall = _cli(args, tmp_path, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"cnnpipe {command}: error: cannot download cifar10"), last
+    assert "--dataset imagefolder --data-dir" in last
+    assert "Traceback" not in proc.stderr
+    assert wall < 15 + 10  # 15 s bound, plus process start-up on a loaded 2-core machine
+    assert not (tmp_path / "data").exists() and not (tmp_path / "mlflow.db").exists()
