@@ -34,6 +34,8 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 AUGS = ("auto", "cifar", "flip", "finetune", "none")
 LOADER_MODES = ("auto", "memory", "stream")
+STORAGES = ("auto", "memory", "shards")
+DECODERS = ("pil", "torchvision", "device")
 
 # Fields that do not change the numbers a run produces: excluded from `config_hash`, so a job may
 # resume with a different output dir, world size, logging or tracking target.
@@ -54,6 +56,7 @@ _HASH_EXCLUDED = frozenset(
         "num_threads",
         "loader_mode",
         "num_workers",
+        "max_image_pixels",
         "eval_batch_size",
         "mlflow_run_id",
         "mlflow_tracking_uri",
@@ -87,6 +90,12 @@ class TrainConfig:
     aug: str = "auto"  # cifar | finetune | none (no train augmentation) | auto (by model source)
     loader_mode: str = "auto"  # memory | stream | auto
     num_workers: int = 2
+    # Image folders: "memory" (uint8 tensors), "shards" (the streaming JPEG store, for folders
+    # that outgrow memory), "auto" (shards when the decoded images exceed the memory budget).
+    storage: str = "auto"
+    image_cap: int | None = None  # shards: shorter-side cap of stored JPEGs; None = 288
+    decoder: str = "pil"  # shards: pil (DCT-scaled) | torchvision | device (nvJPEG on CUDA)
+    max_image_pixels: int = 89_478_485  # refuse larger images (from the header); Pillow's limit
     # --- optimisation
     epochs: int = 10
     batch_size: int = 128  # global batch per optimizer step
@@ -173,6 +182,9 @@ class TrainConfig:
             "skip_bad_images": self.skip_bad_images,
             "download": self.download,
             "mirror": self.mirror,
+            "storage": self.storage,
+            "image_cap": self.image_cap,
+            "max_image_pixels": self.max_image_pixels,
         }
 
     def replace(self, **changes: Any) -> TrainConfig:
@@ -220,6 +232,8 @@ class TrainConfig:
             ("device", DEVICES),
             ("aug", AUGS),
             ("loader_mode", LOADER_MODES),
+            ("storage", STORAGES),
+            ("decoder", DECODERS),
         ):
             value = getattr(self, name)
             if value not in allowed:
@@ -260,6 +274,8 @@ class TrainConfig:
             ("eval_batch_size", self.eval_batch_size),
             ("input_size", self.input_size),
             ("resolution", self.resolution),
+            ("image_cap", self.image_cap),
+            ("max_image_pixels", self.max_image_pixels),
             ("num_threads", self.num_threads),
         ):
             if value is not None and value < 1:

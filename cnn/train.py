@@ -110,11 +110,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def _test_hooks() -> dict[str, int | None]:
+def _test_hooks() -> dict[str, Any]:
     """TEST HOOKS ONLY (used by tests/test_torchrun*.py): fault injection from env vars.
     CNNPIPE_TEST_KILL_AT_STEP=S kills rank CNNPIPE_TEST_KILL_RANK (default 1) with SIGKILL after
     optimizer step S, on the first torchrun attempt only; CNNPIPE_TEST_NAN_AT_STEP=S makes the
-    loss of step S NaN. (CNNPIPE_TEST_KILL_IN_SAVE lives in cnn/checkpoint.py.)"""
+    loss of step S NaN; CNNPIPE_TEST_TRACE_SAMPLES=DIR records the sample indices of every
+    training batch per rank (to count samples across a kill and resume).
+    (CNNPIPE_TEST_KILL_IN_SAVE lives in cnn/checkpoint.py.)"""
 
     def get(name: str) -> int | None:
         value = os.environ.get(name)
@@ -125,7 +127,23 @@ def _test_hooks() -> dict[str, int | None]:
         "kill_step": get("CNNPIPE_TEST_KILL_AT_STEP") if first_attempt else None,
         "kill_rank": 1 if get("CNNPIPE_TEST_KILL_RANK") is None else get("CNNPIPE_TEST_KILL_RANK"),
         "nan_step": get("CNNPIPE_TEST_NAN_AT_STEP"),
+        "trace_samples": os.environ.get("CNNPIPE_TEST_TRACE_SAMPLES") or None,
     }
+
+
+def _install_sample_trace(loader: Any, directory: str, rank: int) -> None:
+    """TEST HOOK ONLY: append ``{attempt, epoch, batch, indices}`` per training batch to
+    ``DIR/rank<r>.jsonl``, outside the training loop (the loader calls it as it yields)."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    path = Path(directory) / f"rank{rank}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def trace(i: int, idx: torch.Tensor) -> None:
+        rec = {"attempt": attempt, "epoch": loader.plan.epoch, "batch": i, "idx": idx.tolist()}
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    loader.trace = trace
 
 
 def _fmt_time(seconds: float) -> str:
@@ -240,6 +258,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 def _run(cfg: TrainConfig, info: D.DistInfo, t_start: float) -> dict[str, Any]:
     from cnn.data import build_loaders
+    from cnn.data.resolve import resolve_data_config
     from cnn.models import get_model, main_logits, model_info, training_loss
 
     log = print if info.is_main else (lambda *a, **k: None)
@@ -266,23 +285,25 @@ def _run(cfg: TrainConfig, info: D.DistInfo, t_start: float) -> dict[str, Any]:
     # ---- data
     minfo = model_info(cfg.model)
     prepared = _prepare_data(cfg, info)
-    input_size = cfg.input_size or minfo.input_size
-    style = cfg.aug if cfg.aug != "auto" else (
-        "finetune" if minfo.source == "torchvision" else "cifar"
-    )  # fmt: skip
-    normalize = (minfo.mean, minfo.std) if cfg.pretrained else (prepared.mean, prepared.std)
-    # Eval resize before the center crop: the model's own ratio (256/224) for fine-tuning, none
-    # for CIFAR-style training (stored in the checkpoint so the exported model matches).
-    resize_size = (
-        input_size
-        if style in ("cifar", "flip", "none")
-        else round(input_size * minfo.resize_size / minfo.input_size)
+    data_cfg = resolve_data_config(
+        model_input_size=minfo.input_size,
+        model_resize_size=minfo.resize_size,
+        model_mean=minfo.mean,
+        model_std=minfo.std,
+        model_source=minfo.source,
+        data_mean=prepared.mean,
+        data_std=prepared.std,
+        input_size=cfg.input_size,
+        aug=cfg.aug,
+        pretrained=bool(cfg.pretrained),
     )
+    input_size, resize_size = data_cfg.input_size, data_cfg.resize_size
+    normalize = (data_cfg.mean, data_cfg.std)
     loaders = build_loaders(
-        prepared.path,
+        prepared,
         input_size=input_size,
         resize_size=resize_size,
-        style=style,
+        style=data_cfg.style,
         batch_size=cfg.batch_size // cfg.grad_accum,  # loader batch = one micro-batch (global)
         eval_batch_size=cfg.eval_batch_size,
         rank=info.rank,
@@ -292,7 +313,10 @@ def _run(cfg: TrainConfig, info: D.DistInfo, t_start: float) -> dict[str, Any]:
         mode=cfg.loader_mode,
         num_workers=cfg.num_workers,
         normalize=normalize,
+        decoder=cfg.decoder,
     )
+    if hooks.get("trace_samples"):
+        _install_sample_trace(loaders.train, hooks["trace_samples"], info.rank)
     accum = cfg.grad_accum
     steps_per_epoch = len(loaders.train) // accum
     if steps_per_epoch < 1:
@@ -422,6 +446,7 @@ def _run(cfg: TrainConfig, info: D.DistInfo, t_start: float) -> dict[str, Any]:
         "classes": classes,
         "num_classes": num_classes,
         "in_channels": loaders.in_channels,
+        "data_config": data_cfg.to_dict(),
         "input_size": input_size,
         "resize_size": resize_size,
         "mean": list(normalize[0]),

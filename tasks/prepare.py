@@ -1,8 +1,7 @@
-"""Prefect task: download and prepare a dataset into the uint8 tensor cache."""
+"""Prefect task: download and prepare a dataset into the tensor cache or the shard store."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -10,6 +9,8 @@ from prefect.cache_policies import INPUTS, CacheKeyFnPolicy
 
 from cnn.data import PreparedInfo
 from cnn.data import prepare_dataset as _prepare_dataset
+from cnn.data.images import MAX_IMAGE_PIXELS
+from cnn.data.shards import store_exists
 from tasks.common import retry_on_io_error
 
 
@@ -47,8 +48,12 @@ def prepare_dataset(
     skip_bad_images: bool = False,
     download: bool = True,
     mirror: str | None = None,
+    storage: str = "auto",
+    image_cap: int | None = None,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> PreparedInfo:
-    """Decode once into <cache_dir>/<dataset>-<key>/; cached by its inputs, retried on I/O."""
+    """Decode once into <cache_dir>/<dataset>-<key>/ (tensor cache or shard store); cached by
+    its inputs, retried on I/O."""
     return _prepare_dataset(
         dataset,
         data_dir=data_dir,
@@ -59,6 +64,9 @@ def prepare_dataset(
         skip_bad_images=skip_bad_images,
         download=download,
         mirror=mirror,
+        storage=storage,
+        image_cap=image_cap,
+        max_image_pixels=max_image_pixels,
     )
 
 
@@ -70,7 +78,7 @@ def prepare_for(cfg: Any) -> tuple[PreparedInfo, bool]:
     state = prepare_dataset(**kwargs, return_state=True)
     info = state.result()
     cached = state.name == "Cached"
-    if not (Path(info.path) / "meta.json").exists():
+    if not store_exists(info.path):
         info = prepare_dataset.with_options(refresh_cache=True)(**kwargs)
         cached = False
     return info, cached

@@ -27,6 +27,7 @@ from torchvision.transforms import v2
 
 from .augment import STYLES, BatchAugment, random_resized_crop_boxes
 from .prepare import Prepared, PreparedInfo, load_prepared, memory_budget_bytes
+from .resolve import eval_resize_size
 from .shards import StoreSplit, chunk_window_permutation, open_store
 
 MODES = ("auto", "memory", "stream")
@@ -96,6 +97,9 @@ class _LoaderBase:
     """Common surface: ``set_epoch``, ``iterate(start_batch)``, ``__iter__``, ``__len__``."""
 
     plan: ShardPlan
+    # Called with (batch number, sample indices) as each training batch is yielded; the engine
+    # installs it only under a test hook that counts samples across a kill and resume.
+    trace: Callable[[int, torch.Tensor], None] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.plan.set_epoch(epoch)
@@ -134,6 +138,8 @@ class MemoryLoader(_LoaderBase):
 
     def iterate(self, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i, idx in self.plan.batches(start_batch):
+            if self.trace is not None:
+                self.trace(i, idx)
             idx = idx.to(self.images.device, non_blocking=True)
             x = self.images.index_select(0, idx)
             y = self.labels.index_select(0, idx)
@@ -399,7 +405,6 @@ class StoreLoader(_LoaderBase):
             std=aug.std,
         )
         self.dataset = _StoreBatchDataset(split, aug if rrc else eval_like, rrc, decoder)
-        self.trace: Callable[[int, torch.Tensor], None] | None = None
 
     def iterate(self, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         sampler = _PlanSampler(self.plan)
@@ -525,7 +530,7 @@ def build_loaders(
                 "the global batch, split evenly across ranks"
             )
     if resize_size is None:
-        resize_size = input_size if style != "finetune" else round(input_size / 0.875)
+        resize_size = eval_resize_size(style, input_size)
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     store = None
