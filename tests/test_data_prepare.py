@@ -91,9 +91,9 @@ def test_cache_hit_decodes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     opened: list[str] = []
     real_decode, real_open = prepare_mod._decode_one, Image.open
 
-    def counting_decode(path, size):
+    def counting_decode(path, size, *rest):
         decoded.append(path)
-        return real_decode(path, size)
+        return real_decode(path, size, *rest)
 
     def counting_open(fp, *a, **kw):
         opened.append(str(fp))
