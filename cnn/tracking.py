@@ -8,6 +8,8 @@ between "log epoch E" and "checkpoint epoch E" never produces duplicate points.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import importlib
 import os
 import time
@@ -42,17 +44,56 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+SYSTEM_METRICS_SECONDS = 5.0  # sampling interval of CPU/memory/GPU metrics
+
+
+def _system_metrics_enabled() -> bool:
+    """On unless MLflow's own switch says no (MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false)."""
+    flag = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
+    return flag.strip().lower() not in ("0", "false", "no", "off")
+
+
 class Tracker:
-    """Logs params and per-epoch metrics to one existing MLflow run, from the main rank only."""
+    """Logs params and per-epoch metrics to one existing MLflow run, from the main rank only,
+    and samples system metrics (CPU, memory, disk, network; GPU utilisation and memory when
+    there is one, via nvidia-ml-py) into the same run while the job lives."""
 
     def __init__(self, run_id: str | None, uri: str | None = None, is_main: bool = True) -> None:
         self.run_id = run_id if is_main else None
         self.client = None
+        self.monitor: Any = None
         self._logged: dict[str, set[int]] = {}
         if not self.run_id:
             return
         self.client = _mlflow("tracking").MlflowClient(tracking_uri=tracking_uri(uri))
         self.client.get_run(self.run_id)  # fail fast with MLflow's message if the id is wrong
+        if _system_metrics_enabled():
+            self._start_system_metrics(tracking_uri(uri))
+
+    def _start_system_metrics(self, uri: str) -> None:
+        """MLflow's monitor thread, logging `system/*` into this run; a restarted job continues
+        its steps. Stopped (and flushed) at interpreter exit. Never fatal: needs psutil."""
+        try:
+            monitor_cls = _mlflow("system_metrics.system_metrics_monitor").SystemMetricsMonitor
+            self.monitor = monitor_cls(
+                self.run_id,
+                sampling_interval=SYSTEM_METRICS_SECONDS,
+                resume_logging=True,
+                tracking_uri=uri,
+            )
+            self.monitor.start()
+        except Exception as exc:  # e.g. psutil missing: training matters more than the graphs
+            print(f"note: system metrics are off ({type(exc).__name__}: {exc})", flush=True)
+            self.monitor = None
+            return
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """Stop the system-metrics thread and flush what it sampled."""
+        monitor, self.monitor = self.monitor, None
+        if monitor is not None:  # at exit: a failure here must not fail the finished job
+            with contextlib.suppress(Exception):
+                monitor.finish()
 
     @property
     def active(self) -> bool:
@@ -73,7 +114,8 @@ class Tracker:
         Param = _mlflow("entities").Param
 
         existing = self.client.get_run(self.run_id).data.params  # type: ignore[union-attr]
-        new = [Param(k, v[:6000]) for k, v in flatten(params).items() if k not in existing]
+        flat = flatten({k: v for k, v in params.items() if v is not None})  # no "None" noise
+        new = [Param(k, v[:6000]) for k, v in flat.items() if k not in existing]
         for i in range(0, len(new), 100):  # MLflow's per-batch param limit
             self.client.log_batch(self.run_id, params=new[i : i + 100])  # type: ignore[union-attr]
 

@@ -58,6 +58,8 @@ class DeploymentSpec:
     parameters: dict[str, Any]
     description: str
     tags: tuple[str, ...] = TAGS
+    # Runs of this deployment at once; a run due while one is still going waits (ENQUEUE).
+    concurrency_limit: int | None = 1
 
 
 @dataclass
@@ -77,11 +79,13 @@ class DeployResult:
 
 
 def check_cron(cron: str, option: str) -> str:
-    """Prefect's own cron validator, with an error that names the option and a valid example."""
-    from prefect._internal.schemas.validators import validate_cron_string
+    """Prefect's own cron validation (the public `prefect.schedules.Cron`, the schedule the
+    deployment will hold), with an error that names the option and a valid example."""
+    from prefect.schedules import Cron
 
     try:
-        return validate_cron_string(cron.strip())
+        Cron(cron.strip())
+        return cron.strip()
     except (ValueError, TypeError) as exc:
         raise ValueError(
             f"{option} {cron!r} is not a valid cron string ({exc}); use five fields "
@@ -115,6 +119,7 @@ def plan_deployments(
     nightly_cron: str = DEFAULT_NIGHTLY_CRON,
     weekly_cron: str = DEFAULT_WEEKLY_CRON,
     timezone: str = DEFAULT_TIMEZONE,
+    train_timeout: float | None = None,
 ) -> list[DeploymentSpec]:
     """The two deployment specs, with every value checked. Raises ValueError (or
     FileNotFoundError for a missing image folder) on bad input.
@@ -123,6 +128,11 @@ def plan_deployments(
     explicitly (visible in the UI); other options left at None are not stored, so the flow's
     defaults apply at run time (timm style).
     """
+    if train_timeout is not None and not train_timeout > 0:
+        raise ValueError(
+            f"--train-timeout {train_timeout!r} must be a positive number of seconds per "
+            "training job, e.g. 21600 for 6 hours"
+        )
     nightly_cron = check_cron(nightly_cron, "--nightly-cron")
     weekly_cron = check_cron(weekly_cron, "--weekly-cron")
     timezone = check_timezone(timezone)
@@ -146,7 +156,14 @@ def plan_deployments(
     plan_training(model=model, dataset=dataset, data_dir=data_dir, overrides=overrides)
     plan_comparison(compare_models, dataset, data_dir=data_dir, overrides=overrides)
 
-    common = _drop_none({"dataset": dataset, "data_dir": data_dir, "epochs": epochs})
+    common = _drop_none(
+        {
+            "dataset": dataset,
+            "data_dir": data_dir,
+            "epochs": epochs,
+            "train_timeout_seconds": train_timeout,
+        }
+    )
     nightly = DeploymentSpec(
         name=NIGHTLY_NAME,
         entrypoint=TRAIN_ENTRYPOINT,
@@ -154,6 +171,7 @@ def plan_deployments(
         timezone=timezone,
         parameters={"model": model, **common, **_drop_none({"register_as": register_as})},
         description=f"Nightly training of {model} on {dataset}; moves `champion` if it improves.",
+        tags=(*TAGS, f"model:{model}", f"dataset:{dataset}"),
     )
     weekly = DeploymentSpec(
         name=WEEKLY_NAME,
@@ -162,6 +180,7 @@ def plan_deployments(
         timezone=timezone,
         parameters={"models": compare_models, **common},
         description=f"Weekly comparison of {', '.join(compare_models)} on {dataset}.",
+        tags=(*TAGS, "compare", f"dataset:{dataset}"),
     )
     return [nightly, weekly]
 
@@ -273,6 +292,7 @@ def create_deployments(
     source: str | Path = REPO_ROOT,
     api_url: str | None = None,
     env: dict[str, str] | None = None,
+    gpu_limit: int | None = None,
 ) -> DeployResult:
     """Create or update `specs` on the Prefect server, creating the work pool if missing.
 
@@ -280,6 +300,10 @@ def create_deployments(
     Re-running updates the deployments in place (the schedules have fixed slugs), so a changed
     cron replaces the old one instead of adding a second schedule.
     """
+    from prefect.client.schemas.objects import (
+        ConcurrencyLimitConfig,
+        ConcurrencyLimitStrategy,
+    )
     from prefect.schedules import Cron
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -303,6 +327,10 @@ def create_deployments(
     # Prefect prints progress with rich on stdout; keep stdout for the one `--json` object.
     with temporary_settings({PREFECT_API_URL: url}), contextlib.redirect_stdout(sys.stderr):
         created = ensure_work_pool(work_pool)
+        if gpu_limit is not None:  # this host's GPU slots, shared by all its flow runs
+            from tasks import gpu_limit as host_limit
+
+            host_limit.ensure_limit(gpu_limit, update=True)
         result = DeployResult(
             api_url=url, work_pool=work_pool, work_pool_created=created, source=source
         )
@@ -315,6 +343,14 @@ def create_deployments(
                 description=spec.description,
                 tags=list(spec.tags),
                 job_variables=job_variables,
+                concurrency_limit=(
+                    None
+                    if spec.concurrency_limit is None
+                    else ConcurrencyLimitConfig(
+                        limit=spec.concurrency_limit,
+                        collision_strategy=ConcurrencyLimitStrategy.ENQUEUE,
+                    )
+                ),
             )
             deployment_id = deployment.apply(work_pool_name=work_pool)
             result.deployments.append(
@@ -327,6 +363,8 @@ def create_deployments(
                     "timezone": spec.timezone,
                     "parameters": spec.parameters,
                     "work_pool": work_pool,
+                    "concurrency_limit": spec.concurrency_limit,
+                    "tags": list(spec.tags),
                 }
             )
     return result
@@ -361,10 +399,18 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
         nightly_cron=args.nightly_cron,
         weekly_cron=args.weekly_cron,
         timezone=args.timezone,
+        train_timeout=args.train_timeout,
     )
     print(f"deploy: loading flows from {args.source}", file=sys.stderr)
+    if args.gpu_limit is not None and args.gpu_limit < 1:
+        raise ValueError(f"--gpu-limit {args.gpu_limit} must be >= 1 (GPUs of this host)")
     result = create_deployments(
-        specs, work_pool=args.work_pool, source=args.source, api_url=args.api_url, env=env
+        specs,
+        work_pool=args.work_pool,
+        source=args.source,
+        api_url=args.api_url,
+        env=env,
+        gpu_limit=args.gpu_limit,
     )
     if args.json:
         print(json.dumps(asdict(result)))
@@ -438,6 +484,20 @@ def register_deploy_command(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--env", action="append", default=[], metavar="KEY=VALUE", help="extra run environment"
+    )
+    p.add_argument(
+        "--train-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="timeout of each training job (Prefect task timeout); None: no limit",
+    )
+    p.add_argument(
+        "--gpu-limit",
+        type=int,
+        default=None,
+        help="GPU slots of this host shared by all its flow runs (Prefect global concurrency "
+        "limit gpus-<host>); None: created on first use with one slot per visible GPU",
     )
     p.add_argument("--api-url", default=None, help="Prefect API URL; None: PREFECT_API_URL")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.context import get_run_context
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks import mlflow_utils, plots, registry
+from tasks import gpu_limit, mlflow_utils, plots, registry
 from tasks.evaluate import artifact_key, evaluate_model
 from tasks.launch import JobSlots, LaunchSpec, process_tags
 from tasks.plan import Overrides, plan_training
@@ -100,7 +104,49 @@ def _evaluate_and_register(
     return metrics, reg
 
 
-@flow(name="train-pipeline")
+def _gpus_used(cfg: Any, launch: LaunchSpec) -> int:
+    """GPUs a training job takes on this host (0 on CPU)."""
+    return launch.nproc_per_node if cfg.resolved_device() == "cuda" else 0
+
+
+def _run_description(cfg: Any, identity: registry.DataIdentity) -> str:
+    """The MLflow run's notes: what was trained on what, with which recipe."""
+    weights = f", from {cfg.pretrained} weights" if cfg.pretrained else ""
+    return (
+        f"{cfg.model} on {identity.name} ({len(identity.classes)} classes{weights}); recipe "
+        f"{cfg.recipe or 'default'}: {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, "
+        f"{cfg.optimizer}/{cfg.schedule}; evaluated on {identity.eval_split}."
+    )
+
+
+def _tag_flow_run(*tags: str) -> None:
+    """Add tags to this flow run (the UI filters on them); best effort."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        flow_run = get_run_context().flow_run  # type: ignore[union-attr]
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run.id, tags=sorted({*flow_run.tags, *tags}))
+    except Exception as exc:  # noqa: BLE001 - cosmetic; never fail a training run on it
+        get_run_logger().debug("could not tag the flow run: %s", exc)
+
+
+def _record_run(
+    run_id: str, info: Any, identity: registry.DataIdentity, uri: str, model: str
+) -> None:
+    """The dataset as the run's input, and a Prefect link artifact to the MLflow run."""
+    mlflow_utils.log_dataset(run_id, info, identity, uri=uri)
+    _tag_flow_run(f"model:{model}", f"dataset:{identity.name}")
+    if _flow_run_id():
+        create_link_artifact(
+            mlflow_utils.run_url(run_id, uri),
+            link_text=f"MLflow run {run_id[:8]}",
+            key=artifact_key("mlflow-run", model, identity.name),
+            description=f"MLflow run of this flow run ({uri})",
+        )
+
+
+@flow(name="train-pipeline", flow_run_name="{model}-{dataset}")
 def train_pipeline(
     model: str = "lenet5",
     dataset: str = "cifar10",
@@ -126,6 +172,7 @@ def train_pipeline(
     experiment: str | None = None,
     tracking_uri: str | None = None,
     train_retries: int = 1,
+    train_timeout_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Prepare, train (torchrun), evaluate and register one model, all in ONE MLflow run whose
     id the training job logs into. Returns the `cnnpipe train --json` object."""
@@ -155,11 +202,13 @@ def train_pipeline(
     with _stage(timings, "prepare"):
         info, cached = prepare_for(cfg)
     logger.info("dataset %s: %s (%s)", dataset, info.path, "cache hit" if cached else "prepared")
+    identity = registry.data_identity(info, cfg.data_dir)
     with _stage(timings, "mlflow_run"):
         run_id = mlflow_utils.start_run(
-            f"{cfg.model}-{info.dataset}",
+            f"{cfg.model}-{identity.name}",
             experiment=experiment,
             uri=uri,
+            description=_run_description(cfg, identity),
             tags={
                 "model": cfg.model,
                 "dataset": info.dataset,
@@ -170,18 +219,24 @@ def train_pipeline(
                 **process_tags(),  # so a later cnnpipe can close it if this process is killed
             },
         )
+        _record_run(run_id, info, identity, uri, cfg.model)
     try:
         out = output_dir or str(Path("runs") / f"{cfg.model}-{info.dataset}-{run_id[:8]}")
         cfg = cfg.replace(
             output_dir=str(Path(out).resolve()), mlflow_run_id=run_id, mlflow_tracking_uri=uri
         )
-        with _stage(timings, "train"):
-            train_out = train_model.with_options(retries=train_retries)(cfg, launch)
+        # Host-wide GPU slots (Prefect global concurrency limit): another flow run on this
+        # machine waits here instead of oversubscribing the GPUs.
+        with _stage(timings, "train"), gpu_limit.host_gpus(_gpus_used(cfg, launch)):
+            train_out = train_model.with_options(
+                retries=train_retries, timeout_seconds=train_timeout_seconds
+            )(cfg, launch)
         timings["train_job"] = round(train_out["job_seconds"], 3)
         if not train_out["result"]:  # a non-main node of a multi-node job
             mlflow_utils.end_run(run_id, uri=uri)
             return {"run_id": run_id, "output_dir": out, "node_rank": node_rank}
-        identity = registry.data_identity(info, cfg.data_dir)
+        with suppress(Exception):  # run.yaml/result.json as artifacts: nice to have
+            mlflow_utils.log_run_files(run_id, cfg.output_dir, uri=uri)
         name = registry.registered_name(cfg.model, identity, register_as, mlflow_utils.client(uri))
         metrics, reg = _evaluate_and_register(
             train_out, info, run_id, name if to_registry else None, timings, name, uri, identity
@@ -275,7 +330,11 @@ def plan_comparison(
     return [plan_training(model=m, dataset=dataset, **kwargs) for m in _models_list(models)]
 
 
-@flow(name="compare-architectures", task_runner=ThreadPoolTaskRunner(max_workers=16))
+@flow(
+    name="compare-architectures",
+    flow_run_name="compare-{dataset}",
+    task_runner=ThreadPoolTaskRunner(max_workers=16),
+)
 def compare_architectures(
     models: list[str] | str = ("lenet5", "resnet18_cifar", "densenet_cifar"),  # type: ignore[assignment]
     dataset: str = "cifar10",
@@ -294,6 +353,7 @@ def compare_architectures(
     tracking_uri: str | None = None,
     output_dir: str | None = None,
     train_retries: int = 1,
+    train_timeout_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Train several architectures on one dataset: one parent MLflow run, a child run per
     model, at most `max_concurrent` jobs at once (default: one per GPU, or 1 on CPU), and a
@@ -314,10 +374,26 @@ def compare_architectures(
     uri = mlflow_utils.check_tracking(tracking_uri)
     info, _ = prepare_for(plans[0][0])
     slots = JobSlots.for_host(max_concurrent, gpus_per_job=nproc_per_node)
+    first_cfg = plans[0][0]
     parent = mlflow_utils.start_run(
         f"compare-{info.dataset}",
         experiment=experiment,
         uri=uri,
+        description=(
+            f"Comparison of {', '.join(names)} on {info.dataset}, {first_cfg.epochs} epochs "
+            f"each (recipe {recipe or 'per model'}); one child run per model."
+        ),
+        params={
+            "models": ",".join(names),
+            "dataset": info.dataset,
+            "epochs": first_cfg.epochs,
+            "recipe": recipe or "per-model",
+            "batch_size": batch_size,
+            "lr": lr,
+            "device": device,
+            "nproc_per_node": nproc_per_node,
+            "max_concurrent": max_concurrent,
+        },
         tags={
             "dataset": info.dataset,
             "models": ",".join(names),
@@ -330,7 +406,10 @@ def compare_architectures(
     rows: dict[str, dict[str, Any]] = {}
     futures: dict[Any, Any] = {}
     children: dict[str, str] = {}
+    hold = ExitStack()  # host-wide GPU slots for the jobs this flow runs at once
     try:
+        gpus = min(len(plans), slots.max_jobs) * max(_gpus_used(c, lc) for c, lc in plans)
+        hold.enter_context(gpu_limit.host_gpus(gpus))
         for cfg, launch in plans:
             child = mlflow_utils.start_run(
                 f"{cfg.model}-{info.dataset}",
@@ -347,7 +426,10 @@ def compare_architectures(
             cfg = cfg.replace(
                 output_dir=str(base / cfg.model), mlflow_run_id=child, mlflow_tracking_uri=uri
             )
-            fut = train_model.with_options(retries=train_retries).submit(cfg, launch, slots)
+            train = train_model.with_options(
+                retries=train_retries, timeout_seconds=train_timeout_seconds
+            )
+            fut = train.submit(cfg, launch, slots)
             futures[fut] = cfg
             children[cfg.model] = child
             rows[cfg.model] = {"model": cfg.model, "run_id": child, "status": "running"}
@@ -383,6 +465,7 @@ def compare_architectures(
                 logger.error("%s failed: %s", cfg.model, exc)
                 row["status"] = f"failed: {str(exc).splitlines()[0][:120]}"
                 _end_failed_run(child, exc, uri)
+        hold.close()  # training is over: release the GPU slots before publishing
         table = sorted(rows.values(), key=lambda r: -(r.get("test_accuracy") or -1.0))
         table = [{k: r.get(k) for k in COMPARISON_COLUMNS} for r in table]
         split = "val" if info.test_is_val else "test"
@@ -390,6 +473,7 @@ def compare_architectures(
         failed = [r["model"] for r in table if not str(r["status"]).startswith("ok")]
         mlflow_utils.end_run(parent, "FAILED" if failed else "FINISHED", uri=uri)
     except BaseException as exc:
+        hold.close()
         for model, child in children.items():
             if rows[model]["status"] == "running":
                 _end_failed_run(child, exc, uri)

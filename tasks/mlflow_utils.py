@@ -132,21 +132,62 @@ def client(uri: str | None = None) -> Any:
     return mlflow.MlflowClient(resolve_tracking_uri(uri))
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the UI opens on training runs, not GenAI
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
 def get_or_create_experiment(name: str | None = None, uri: str | None = None) -> str:
-    """Experiment id by name; creating it is race-safe (two pipelines may start together)."""
+    """Experiment id by name, marked as a model-training experiment (MLflow 3's UI otherwise
+    opens a new experiment on the GenAI overview); creating it is race-safe (two pipelines may
+    start together)."""
     from mlflow.exceptions import MlflowException
 
     c, name = client(uri), experiment_name(name)
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
+    if exp is None:
+        try:
+            exp_id = c.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:  # created meanwhile by another process
+            exp = c.get_experiment_by_name(name)
+            if exp is None:
+                raise
+        else:
+            return exp_id
+    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+        c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+def _git(*args: str) -> str | None:
+    import subprocess
+
     try:
-        return c.create_experiment(name)
-    except MlflowException:  # created meanwhile by another process
-        exp = c.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def source_tags(entrypoint: str = "cnnpipe") -> dict[str, str]:
+    """MLflow's system tags for where a run came from: source name and type, the git commit
+    (with `-dirty` noted separately) and branch, and the user."""
+    import getpass
+
+    tags = {"mlflow.source.name": entrypoint, "mlflow.source.type": "JOB"}
+    with contextlib.suppress(Exception):
+        tags["mlflow.user"] = getpass.getuser()
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["git.dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no")))
+        if branch := _git("rev-parse", "--abbrev-ref", "HEAD"):
+            tags["mlflow.source.git.branch"] = branch
+        if remote := _git("config", "--get", "remote.origin.url"):
+            tags["mlflow.source.git.repoURL"] = remote
+    return tags
 
 
 def start_run(
@@ -155,15 +196,24 @@ def start_run(
     experiment: str | None = None,
     tags: dict[str, Any] | None = None,
     parent_run_id: str | None = None,
+    description: str | None = None,
+    params: dict[str, Any] | None = None,
     uri: str | None = None,
 ) -> str:
-    """Create a run (RUNNING) and return its id; the training job logs into it by id."""
-    all_tags = {k: str(v) for k, v in (tags or {}).items()}
+    """Create a run (RUNNING) with source/git tags, a description (the UI's run notes) and
+    optional params; return its id. The training job logs into it by id."""
+    from mlflow.entities import Param
+
+    all_tags = {**source_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client(uri).create_run(
-        get_or_create_experiment(experiment, uri), run_name=run_name, tags=all_tags
-    )
+    if description:
+        all_tags["mlflow.note.content"] = description
+    c = client(uri)
+    run = c.create_run(get_or_create_experiment(experiment, uri), run_name=run_name, tags=all_tags)
+    if params:
+        batch = [Param(k, str(v)[:6000]) for k, v in params.items() if v is not None]
+        c.log_batch(run.info.run_id, params=batch)
     return run.info.run_id
 
 
@@ -181,6 +231,86 @@ def log_metrics(run_id: str, metrics: dict[str, float | None], uri: str | None =
     batch = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None and v == v]
     if batch:
         client(uri).log_batch(run_id, metrics=batch)
+
+
+def log_dataset(run_id: str, info: Any, identity: Any, uri: str | None = None) -> None:
+    """Record the training data as the run's input (the UI's Dataset column): name, source
+    (folder path or torchvision download), content digest and split sizes as its profile."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source = identity.folder or f"torchvision:{info.dataset}"
+    dataset = Dataset(
+        name=identity.name,
+        digest=str(info.source_hash)[:36],
+        source_type="local" if identity.folder else "code",
+        source=json.dumps({"uri": source}),
+        profile=json.dumps(
+            {
+                "splits": dict(info.splits),
+                "num_classes": len(info.classes),
+                "resolution": info.resolution,
+                "evaluation": identity.eval_split,
+            }
+        ),
+    )
+    tags = [InputTag("mlflow.data.context", "training")]
+    client(uri).log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
+
+
+def log_model_metrics(
+    run_id: str,
+    model_uri: str,
+    metrics: dict[str, float | None],
+    *,
+    dataset: Any = None,
+    step: int = 0,
+    uri: str | None = None,
+) -> None:
+    """Log `metrics` linked to the logged model (`model_id`) and the evaluation dataset, so
+    `mlflow.search_logged_models(order_by=[{"field_name": "metrics.test_accuracy",
+    "ascending": False}])` ranks models and the model page shows them."""
+    import time
+
+    from mlflow.entities import Metric
+
+    model_id = model_uri.removeprefix("models:/")
+    c = client(uri)
+    logged = c.get_logged_model(model_id)
+    if any(m.key in metrics for m in (logged.metrics or [])):
+        return  # a retried task: already linked
+    now = int(time.time() * 1000)
+    name = getattr(dataset, "name", None)
+    digest = str(getattr(dataset, "source_hash", ""))[:36] or None
+    if name is None or digest is None:  # MLflow wants both or neither
+        name = digest = None
+    batch = [
+        Metric(k, float(v), now, step, model_id=model_id, dataset_name=name, dataset_digest=digest)
+        for k, v in metrics.items()
+        if v is not None and v == v
+    ]
+    if batch:
+        c.log_batch(run_id, metrics=batch)
+
+
+def run_url(run_id: str, uri: str | None = None) -> str:
+    """The run's page in the MLflow UI: the tracking server itself, else MLFLOW_UI_URL, else
+    what `mlflow ui` serves by default next to a local store."""
+    uri = resolve_tracking_uri(uri)
+    base = uri if urlparse(uri).scheme in ("http", "https") else None
+    base = (base or os.environ.get("MLFLOW_UI_URL") or "http://127.0.0.1:5000").rstrip("/")
+    exp = client(uri).get_run(run_id).info.experiment_id
+    return f"{base}/#/experiments/{exp}/runs/{run_id}"
+
+
+def log_run_files(run_id: str, output_dir: str | Path, uri: str | None = None) -> None:
+    """The run's resolved config and result as artifacts (what reproduces and explains it)."""
+    c = client(uri)
+    for name in ("run.yaml", "result.json", "train.log"):
+        path = Path(output_dir) / name
+        if path.is_file():
+            c.log_artifact(run_id, str(path), "run")
 
 
 # -------------------------------------------------------------------- model logging

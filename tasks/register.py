@@ -2,16 +2,46 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
+from prefect.events import emit_event
 
 from cnn.data import load_prepared
 from cnn.export import from_checkpoint
 from tasks import mlflow_utils, registry
 from tasks.common import retry_on_io_error
+
+CHAMPION_EVENT = "cnnpipe.champion.moved"
+
+
+def emit_champion_event(
+    reg: mlflow_utils.Registration, model_uri: str, run_id: str, test_accuracy: float
+) -> None:
+    """A Prefect event when `champion` moves, so an automation can deploy or notify (see
+    infra/README.md). Resource: the registered model; payload: old and new version."""
+    emit_event(
+        event=CHAMPION_EVENT,
+        resource={
+            "prefect.resource.id": f"mlflow.registered-model.{reg.name}",
+            "prefect.resource.name": reg.name,
+        },
+        related=[
+            {"prefect.resource.id": f"mlflow.run.{run_id}", "prefect.resource.role": "run"},
+        ],
+        payload={
+            "name": reg.name,
+            "version": reg.version,
+            "previous_version": reg.previous_champion,
+            "model_uri": f"models:/{reg.name}/{reg.version}",
+            "logged_model_uri": model_uri,
+            "test_accuracy": test_accuracy,
+            "reason": reg.reason,
+        },
+    )
 
 
 @task(
@@ -49,6 +79,18 @@ def register_model(
         identity=identity,
         uri=tracking_uri,
     )
+    result_path = Path(output_dir) / "result.json"
+    result = json.loads(result_path.read_text()).get("test", {}) if result_path.exists() else {}
+    mlflow_utils.log_model_metrics(
+        run_id,
+        model_uri,
+        {"test_accuracy": test_accuracy, "test_top5": result.get("top5"),
+         "test_loss": result.get("loss")},
+        dataset=identity,
+        uri=tracking_uri,
+    )  # fmt: skip
+    if reg.champion_moved:
+        emit_champion_event(reg, model_uri, run_id, test_accuracy)
     tag = f"{reg.name}/{reg.version}"
     mlflow_utils.client(tracking_uri).set_tag(run_id, "registered_model", tag)
     logger.info(

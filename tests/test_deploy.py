@@ -34,6 +34,19 @@ from flows.cli import main as cnnpipe
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _reachable_mirror(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planning checks that a download could start (offline it fails early by design); a
+    mirror on 127.0.0.1 resolves, so the built-in datasets plan on this offline machine. The
+    download itself never happens here."""
+    monkeypatch.setenv("CNNPIPE_DATA_MIRROR", "http://127.0.0.1:9/")
+
+
+def _folder(root: Path) -> Path:
+    """An image folder big enough for the recipes' default batch (256) to take a step."""
+    return make_imagefolder(root, n_train=130, n_val=1, size=8, formats=("png",))
+
+
 def _closed_port_url() -> str:
     """A Prefect API URL nobody listens on: a check that contacts it fails."""
     return f"http://127.0.0.1:{free_port()}/api"
@@ -56,6 +69,8 @@ def _closed_port_url() -> str:
         (["--env", "NOEQUALS"], ["--env", "NOEQUALS"]),
         (["--work-pool", " "], ["--work-pool"]),
         (["--source", "/nonexistent/src"], ["--source", "/nonexistent/src"]),
+        (["--train-timeout", "0"], ["--train-timeout", "positive"]),
+        (["--gpu-limit", "0"], ["--gpu-limit 0"]),
     ],
 )
 def test_deploy_bad_input_fails_before_contacting_the_server(
@@ -102,7 +117,7 @@ def test_plan_uses_defaults_and_pins_data_dir(tmp_path: Path) -> None:
 
     from flows.pipeline import train_pipeline
 
-    data = make_imagefolder(tmp_path / "imgs", n_train=2, n_val=1)
+    data = _folder(tmp_path / "imgs")
     nightly, weekly = deploy.plan_deployments(
         dataset="imagefolder", data_dir=str(data), models="lenet5", epochs=2
     )
@@ -115,6 +130,28 @@ def test_plan_uses_defaults_and_pins_data_dir(tmp_path: Path) -> None:
         "epochs": 2,
     }  # register_as=None is not stored: the flow's default applies
     assert weekly.parameters["models"] == ["lenet5"]
+
+
+def test_deployments_queue_carry_a_timeout_and_are_tagged(tmp_path: Path) -> None:
+    """One run per deployment at a time (a late nightly run queues), a per-deployment
+    training timeout passed to the flows, tags by model and dataset."""
+    data = _folder(tmp_path / "imgs")
+    nightly, weekly = deploy.plan_deployments(
+        model="lenet5", dataset="imagefolder", data_dir=str(data), models="lenet5",
+        train_timeout=3600,
+    )  # fmt: skip
+    assert nightly.concurrency_limit == weekly.concurrency_limit == 1
+    assert nightly.parameters["train_timeout_seconds"] == 3600
+    assert weekly.parameters["train_timeout_seconds"] == 3600
+    assert {"cnnpipe", "model:lenet5", "dataset:imagefolder"} <= set(nightly.tags)
+    for spec in (nightly, weekly):  # the flows take the parameter
+        deploy.check_parameters(deploy.load_flow(str(REPO), spec.entrypoint), spec)
+
+
+def test_no_private_prefect_imports() -> None:
+    """Private modules change without notice between Prefect releases."""
+    for path in (REPO / "flows" / "deploy.py", REPO / "tasks" / "gpu_limit.py"):
+        assert "prefect._internal" not in path.read_text(), path
 
 
 def test_weekly_comparison_defaults_to_the_flows_model_list() -> None:
@@ -257,6 +294,8 @@ def test_deployments_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
             assert nightly.parameters["data_dir"] == str(data.resolve())
             assert weekly.parameters["models"] == ["lenet5"]
             assert nightly.job_variables["env"]["MLFLOW_TRACKING_URI"] == mlflow.url
+            assert nightly.concurrency_limit == 1  # a late run queues behind the running one
+            assert {"model:lenet5", "dataset:imagefolder"} <= set(nightly.tags)
 
             # The worker starts now (the pool exists) and warms up during the re-deploy below.
             worker = start_prefect_worker(tmp_path, prefect.url, POOL)

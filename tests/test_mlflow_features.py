@@ -1,0 +1,137 @@
+"""MLflow 3's model-centric features and a readable UI (issue 8, items 3, 4 and 7), on one real
+`train_pipeline` flow run: temporary Prefect server, real torchrun (gloo, CPU), real MLflow
+SQLite store. Tiny learnable images keep the job short."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flows_helpers import copy_store, mlflow_template, tiny_dataset
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A temporary Prefect server; PREFECT_HOME (results, caches) in a temp dir."""
+    home = tmp_path_factory.mktemp("prefect_home")
+    keys = (
+        "PREFECT_HOME",
+        "PREFECT_SERVER_ANALYTICS_ENABLED",
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL",
+    )
+    saved = {k: os.environ.get(k) for k in keys}
+    # Sample system metrics every second, so a few-second job records some.
+    os.environ.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                      MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")  # fmt: skip
+    from prefect.testing.utilities import prefect_test_harness
+
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(
+    harness: None, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[dict[str, Any], str, Path]:
+    work = tmp_path_factory.mktemp("features")
+    uri = copy_store(mlflow_template(tmp_path_factory.getbasetemp()), work)
+    data = tiny_dataset(work / "bugs")
+    from flows.pipeline import train_pipeline
+
+    cwd = Path.cwd()
+    os.chdir(work)  # runs/ and mlruns/ land here
+    try:
+        result = train_pipeline(
+            model="lenet5", dataset="imagefolder", data_dir=str(data), epochs=2, batch_size=16,
+            device="cpu", tracking_uri=uri, train_retries=0,
+        )  # fmt: skip
+    finally:
+        os.chdir(cwd)
+    return result, uri, work
+
+
+def test_run_is_readable_in_the_ui(pipeline_run: tuple[dict[str, Any], str, Path]) -> None:
+    import mlflow
+
+    result, uri, work = pipeline_run
+    c = mlflow.MlflowClient(uri)
+    run = c.get_run(result["run_id"])
+    exp = c.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert run.info.run_name == "lenet5-bugs"
+    note = run.data.tags["mlflow.note.content"]
+    assert "lenet5 on bugs (3 classes)" in note and "recipe" in note and "2 epochs" in note
+    assert run.data.tags["mlflow.source.name"] == "cnnpipe"
+    assert len(run.data.tags.get("mlflow.source.git.commit", "")) == 40
+    params = run.data.params
+    assert params["model"] == "lenet5" and params["epochs"] == "2"
+    assert "None" not in params.values()  # unset options are left out, not logged as "None"
+    files = {a.path for a in c.list_artifacts(run.info.run_id, "run")}
+    assert {"run/run.yaml", "run/result.json"} <= files
+    # The dataset is the run's input: name, digest, source folder and split sizes.
+    (ds_input,) = run.inputs.dataset_inputs
+    ds = ds_input.dataset
+    assert ds.name == "bugs" and json.loads(ds.source)["uri"] == str((work / "bugs").resolve())
+    assert json.loads(ds.profile)["splits"]["train"] > 0
+    # System metrics from rank 0 went into the same run.
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), run.data.metrics
+
+
+def test_logged_model_carries_test_metrics(pipeline_run: tuple[dict[str, Any], str, Path]) -> None:
+    import mlflow
+
+    result, uri, _ = pipeline_run
+    mlflow.set_tracking_uri(uri)
+    assert result["model_name"] == "lenet5-bugs" and result["champion"]
+    run = mlflow.get_run(result["run_id"])
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        order_by=[{"field_name": "metrics.test_accuracy", "ascending": False}],
+        output_format="list",
+    )
+    assert [m.model_id for m in models] == [result["model_uri"].removeprefix("models:/")]
+    metrics = {m.key: m for m in models[0].metrics}
+    assert metrics["test_accuracy"].value == pytest.approx(result["metrics"]["test_accuracy"])
+    assert metrics["test_accuracy"].dataset_name == "bugs"
+
+
+def test_prefect_side(pipeline_run: tuple[dict[str, Any], str, Path]) -> None:
+    """Flow run named and tagged by model and dataset, a link artifact to the MLflow run, and
+    a `cnnpipe.champion.moved` event for the first champion."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    result, _, _ = pipeline_run
+    with get_client(sync_client=True) as client:
+        (flow_run,) = [r for r in client.read_flow_runs() if r.name == "lenet5-imagefolder"]
+        assert {"model:lenet5", "dataset:bugs"} <= set(flow_run.tags)
+        links = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["mlflow-run-lenet5-bugs"]))
+        )
+        assert links and result["run_id"] in str(links[0].data)
+        events: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 30  # events reach the store in batches
+        while not events and time.monotonic() < deadline:
+            resp = client.request(
+                "POST", "/events/filter",
+                json={"filter": {"event": {"name": ["cnnpipe.champion.moved"]}}, "limit": 10},
+            )  # fmt: skip
+            events = resp.json()["events"]
+            time.sleep(0.5)
+    assert events, "no champion event"
+    assert events[0]["payload"]["name"] == "lenet5-bugs"
+    assert events[0]["payload"]["version"] == result["model_version"]
