@@ -113,14 +113,17 @@ def _warm_prefect_api(enabled: bool = True) -> Callable[[], None]:
         return lambda: None
     # Imported here, in the main thread: importing Prefect's server ORM in a thread while
     # MLflow's SQLAlchemy store configures all mappers races (half-defined Prefect models).
-    from prefect.server.api.server import SubprocessASGIServer
+    # (_guard_prefect_server imports the server module.)
+    from prefect.client.orchestration import get_client
 
     _guard_prefect_server()
 
     def start() -> None:
         # A failure here resurfaces when the flow starts: Prefect then starts the server itself.
-        with contextlib.suppress(Exception):
-            SubprocessASGIServer().start()
+        # Public API: a client without PREFECT_API_URL starts Prefect's ephemeral server, a
+        # process-wide singleton that the flow run then reuses.
+        with contextlib.suppress(Exception), get_client(sync_client=True) as client:
+            client.api_healthcheck()
 
     thread = threading.Thread(target=start, name="prefect-api-warmup", daemon=True)
     thread.start()
