@@ -661,6 +661,13 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(line.strip() for line in str(msg).splitlines() if line.strip())
 
 
+_FINAL: list[str] = []  # the one line a failed command ends with (printed last, see main)
+
+
+def _say(line: str) -> None:
+    _FINAL.append(line)
+
+
 def _run(args: argparse.Namespace) -> int:
     from tasks.launch import JobCancelledError, TrainingJobError
     from tasks.mlflow_utils import TrackingUnavailableError
@@ -669,28 +676,28 @@ def _run(args: argparse.Namespace) -> int:
         return args.func(args)
     except (ValueError, FileNotFoundError, KeyError, TrackingUnavailableError) as exc:
         # Bad input: one clear line, non-zero exit, no traceback.
-        print(f"cnnpipe {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        _say(f"cnnpipe {args.command}: error: {_one_line(exc)}")
         return 2
     except (TrainingJobError, OSError) as exc:
         # A failed job (its own exception, type and rank) or I/O (a download that cannot
         # start, a full disk): one line, no traceback; the message names the file or URL.
-        print(f"cnnpipe {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        _say(f"cnnpipe {args.command}: error: {_one_line(exc)}")
         return 1
     except (KeyboardInterrupt, JobCancelledError):
-        print(f"cnnpipe {args.command}: interrupted; training jobs stopped, MLflow run marked "
-              "KILLED", file=sys.stderr)  # fmt: skip
+        _say(f"cnnpipe {args.command}: interrupted; training jobs stopped, MLflow run marked "
+              "KILLED")  # fmt: skip
         return 130
     except SystemExit as exc:
         if exc.code in (128 + signal.SIGTERM, 128 + signal.SIGINT):
-            print(f"cnnpipe {args.command}: terminated (signal {exc.code - 128}); training "
-                  "jobs stopped, MLflow run marked KILLED", file=sys.stderr)  # fmt: skip
+            _say(f"cnnpipe {args.command}: terminated (signal {exc.code - 128}); training "
+                  "jobs stopped, MLflow run marked KILLED")  # fmt: skip
             return int(exc.code)
         raise
     except BaseException as exc:
         # Prefect's TerminationSignal (SIGTERM during a flow) and the like.
         if type(exc).__name__ == "TerminationSignal":
-            print(f"cnnpipe {args.command}: terminated; training jobs stopped, MLflow run "
-                  "marked KILLED", file=sys.stderr)  # fmt: skip
+            _say(f"cnnpipe {args.command}: terminated; training jobs stopped, MLflow run "
+                  "marked KILLED")  # fmt: skip
             return 143
         raise
 
@@ -710,11 +717,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = _run(args)
         return code
+    except BaseException:
+        if console:  # a bug, not bad input: the traceback helps (os._exit below would lose it)
+            import traceback
+
+            traceback.print_exc()
+        raise
     finally:
         if console:
             _EXITING = True
             _arm_exit_watchdog(code)
             _shutdown_prefect(timeout=3.0)
+        for line in _FINAL:  # after Prefect's last log lines: the error is the final line
+            print(line, file=sys.stderr, flush=True)
+        _FINAL.clear()
+        if console:
             with contextlib.suppress(Exception):
                 sys.stdout.flush()
                 sys.stderr.flush()
