@@ -219,6 +219,8 @@ def from_checkpoint(
             "val_fraction": cfg.get("val_fraction"),
             "seed": cfg.get("seed"),
             "resolution": cfg.get("resolution"),
+            "storage": cfg.get("storage"),
+            "image_cap": cfg.get("image_cap"),
         },
     ).to(device)
 

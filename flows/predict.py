@@ -85,7 +85,7 @@ def evaluate(
     check_dataset(dataset, data_dir)
     split_available(dataset, data_dir, split)
     model = model if model is not None else load_classifier(model_uri)
-    from cnn.data import load_prepared, prepare_dataset
+    from cnn.data import prepare_dataset, split_arrays
     from tasks.evaluate import evaluate_split
 
     info = prepare_dataset(
@@ -96,6 +96,9 @@ def evaluate(
         resolution=model.info.get("resolution"),
         val_fraction=model.info.get("val_fraction") or 0.1,
         seed=model.info.get("seed") or 0,
+        # The same store the model was trained from (tensor cache or shard store).
+        storage=model.info.get("storage") or "auto",
+        image_cap=model.info.get("image_cap"),
     )
     if split == "test" and info.test_is_val:
         raise ValueError(
@@ -107,7 +110,7 @@ def evaluate(
             f"{model_uri} was trained on classes {model.classes[:10]} but {dataset} at "
             f"{data_dir} has {info.classes[:10]}; evaluate it on the dataset it was trained on"
         )
-    images, labels = load_prepared(info.path).split(split)
+    images, labels = split_arrays(info, split)
     metrics = evaluate_split(model, images, labels, batch_size=batch_size)
     return {
         "model_uri": model_uri,

@@ -81,7 +81,7 @@ def log_evaluation(
     from prefect import get_run_logger
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from cnn.data import load_prepared
+    from cnn.data import split_arrays
     from cnn.export import from_checkpoint
     from tasks import mlflow_utils, plots
 
@@ -94,7 +94,7 @@ def log_evaluation(
 
     # Sample grid: the exported model on raw uint8 test images (what MLflow will serve).
     model = from_checkpoint(Path(train_out["output_dir"]) / "checkpoints" / "best.pt")
-    images, labels = load_prepared(prepared_path).split("test")
+    images, labels = split_arrays(prepared_path, "test")
     idx = sample_indices(len(labels), n_samples)
     top = model.topk(images[idx], k=1)
     predicted = [t[0][0] for t in top]

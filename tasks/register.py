@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.events import emit_event
 
-from cnn.data import load_prepared
+from cnn.data import split_arrays
 from cnn.export import from_checkpoint
 from tasks import mlflow_utils, registry
 from tasks.common import retry_on_io_error
@@ -67,7 +67,7 @@ def register_model(
     when the alias moves, so a Prefect automation can deploy or notify."""
     logger = get_run_logger()
     model = from_checkpoint(Path(output_dir) / "checkpoints" / "best.pt")
-    images, _ = load_prepared(prepared_path).split("test")
+    images, _ = split_arrays(prepared_path, "test")
     example = images[:2].numpy()
     model_uri = mlflow_utils.log_model(run_id, model, example, uri=tracking_uri)
     identity = registry.DataIdentity.from_dict(data_identity) if data_identity else None

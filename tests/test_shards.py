@@ -97,6 +97,11 @@ def test_stored_images_keep_aspect_ratio_and_small_jpegs_verbatim(store, folder)
         assert img.format == "JPEG" and min(img.size) <= 64 and 0 <= label < 3
         seen += 1
     assert seen == 66
+    labels = s.splits["train"].labels()
+    assert labels.tolist() == [s.splits["train"][i][1] for i in range(66)]
+    images, labels = shards.split_arrays(store, "val")
+    assert images[:4].shape == (4, 3, 64, 64) and images[[1, 3]].dtype == torch.uint8
+    assert len(images) == len(labels) == 6
     small = next(folder.glob("train/a/*.jpg"))
     with Image.open(small) as im:
         fits = min(im.size) <= 200

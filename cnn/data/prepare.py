@@ -749,6 +749,8 @@ def _prepare_shards(
             bad_paths = {p for p, _ in bad}
             labels[split] = torch.tensor([lab for p, lab in items[split] if p not in bad_paths])
             counts[split] = len(labels[split])
+            # Store order is input order (keep_data_ordered: one contiguous slice per worker).
+            np.save(tmp / split / shards.LABELS_FILE, labels[split].numpy().astype(np.int32))
             if sum(shards.read_index(tmp / split)) != counts[split]:
                 raise RuntimeError(f"shard store split {split} is incomplete; run prepare again")
         _report_bad(all_bad, scan.root, params["skip_bad_images"])

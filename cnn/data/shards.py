@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
 import multiprocessing as mp
 import os
@@ -31,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ STORE_FORMAT = 1
 # scales with the stored pixels, drops ~2x against 500x375 originals.
 DEFAULT_CAP = 288
 CHUNK_BYTES = "64MB"
+LABELS_FILE = "labels.npy"  # per split, beside LitData's files: labels without reading images
 SHUFFLE_WINDOW_CHUNKS = 8  # train permutation: shuffle chunk order, then within 8-chunk windows
 _STATS_SAMPLE = 1024
 
@@ -347,9 +349,70 @@ class StoreSplit:
         item = self._ds[int(i)]
         return item["image"], int(item["label"])
 
-    def iter_range(self, lo: int, hi: int) -> Iterator[tuple[bytes, int]]:
-        for i in range(lo, hi):
-            yield self[i]
+    def labels(self) -> torch.Tensor:
+        """Every label of the split, in store order (``labels.npy``, written at prepare)."""
+        path = _join(self.url, LABELS_FILE)
+        if is_remote(path):
+            bucket, key = _split_url(path)
+            data = _s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+            arr = np.load(io.BytesIO(data))
+        else:
+            arr = np.load(path)
+        return torch.from_numpy(arr.astype(np.int64))
+
+    def images(self, size: int) -> SplitImages:
+        """The split's images as a lazily decoded, sliceable uint8 (N, 3, size, size) view."""
+        return SplitImages(self, size)
+
+
+class SplitImages:
+    """``images[a:b]`` / ``images[[i, j]]`` -> uint8 (n, 3, size, size), decoded on demand.
+
+    What consumers of the in-memory tensor (sample grids, input examples, evaluating an
+    exported model) slice, without holding a large split in memory. Each image is the center
+    square of the stored image resized to ``size``: an exported model's own resize + center crop
+    of that square is the same region as of the stored image itself.
+    """
+
+    def __init__(self, split: StoreSplit, size: int) -> None:
+        self.split, self.size = split, size
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        import torchvision.transforms.v2.functional as TF
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        if isinstance(key, slice):
+            idx = range(*key.indices(len(self)))
+        elif isinstance(key, torch.Tensor):
+            idx = key.flatten().tolist()
+        else:
+            idx = list(key)
+        out = torch.empty((len(idx), 3, self.size, self.size), dtype=torch.uint8)
+        for k, i in enumerate(idx):
+            x = decode_jpeg(_as_tensor(self.split[int(i)][0]), mode=ImageReadMode.RGB)
+            side = min(x.shape[-2:])
+            x = TF.center_crop(x, [side, side])
+            out[k] = TF.resize(x, [self.size, self.size], antialias=True)
+        return out
+
+
+def split_arrays(info: Any, split: str) -> tuple[Any, torch.Tensor]:
+    """(images, labels) of a prepared split, whatever its storage: the in-memory tensors, or a
+    ``SplitImages`` view of a shard store (square at the stored cap) with the stored labels.
+    ``info`` is a ``PreparedInfo`` or the path of a cache directory or store."""
+    if isinstance(info, (str, os.PathLike)):
+        from .prepare import _read_info
+
+        info = _read_info(info)
+    if getattr(info, "storage", "memory") != "shards":
+        from .prepare import load_prepared
+
+        return load_prepared(info.path).split(split)
+    part = open_store(info.path).splits[split]
+    return part.images(int(info.resolution)), part.labels()
 
 
 @dataclass
