@@ -146,7 +146,10 @@ def _record_run(
         )
 
 
-@flow(name="train-pipeline", flow_run_name="{model}-{dataset}")
+TRAIN_FLOW = "train-pipeline"
+
+
+@flow(name=TRAIN_FLOW, flow_run_name="{model}-{dataset}")
 def train_pipeline(
     model: str = "lenet5",
     dataset: str = "cifar10",
@@ -203,28 +206,46 @@ def train_pipeline(
         info, cached = prepare_for(cfg)
     logger.info("dataset %s: %s (%s)", dataset, info.path, "cache hit" if cached else "prepared")
     identity = registry.data_identity(info, cfg.data_dir)
+    flow_run_id = _flow_run_id()
     with _stage(timings, "mlflow_run"):
-        run_id = mlflow_utils.start_run(
-            f"{cfg.model}-{identity.name}",
-            experiment=experiment,
-            uri=uri,
-            description=_run_description(cfg, identity),
-            tags={
-                "model": cfg.model,
-                "dataset": info.dataset,
-                "dataset.source_hash": info.source_hash,
-                "dataset.cache": str(info.path),
-                "prefect.flow_run_id": _flow_run_id(),
-                "config_hash": cfg.config_hash(),
-                **process_tags(),  # so a later cnnpipe can close it if this process is killed
-            },
+        # A retried or rescheduled flow run keeps its id: continue its MLflow run and output
+        # directory, so the job resumes from its checkpoint (refused if the config changed).
+        previous = mlflow_utils.find_flow_run_run(
+            flow_run_id, TRAIN_FLOW, experiment=experiment, uri=uri
         )
-        _record_run(run_id, info, identity, uri, cfg.model)
+        if previous is not None:
+            run_id = mlflow_utils.reopen_run(
+                previous, cfg.config_hash(), tags=process_tags(), uri=uri
+            )
+            logger.info("flow run %s: continuing MLflow run %s", flow_run_id, run_id)
+        else:
+            run_id = mlflow_utils.start_run(
+                f"{cfg.model}-{identity.name}",
+                experiment=experiment,
+                uri=uri,
+                description=_run_description(cfg, identity),
+                tags={
+                    "model": cfg.model,
+                    "dataset": info.dataset,
+                    "dataset.source_hash": info.source_hash,
+                    "dataset.cache": str(info.path),
+                    mlflow_utils.FLOW_RUN_TAG: flow_run_id,
+                    mlflow_utils.FLOW_TAG: TRAIN_FLOW,
+                    mlflow_utils.CONFIG_HASH_TAG: cfg.config_hash(),
+                    **process_tags(),  # so a later cnnpipe can close it if this process dies
+                },
+            )
+            _record_run(run_id, info, identity, uri, cfg.model)
     try:
-        out = output_dir or str(Path("runs") / f"{cfg.model}-{info.dataset}-{run_id[:8]}")
+        out = (
+            output_dir
+            or (previous.data.tags.get("output_dir") if previous is not None else None)
+            or str(Path("runs") / f"{cfg.model}-{info.dataset}-{run_id[:8]}")
+        )
         cfg = cfg.replace(
             output_dir=str(Path(out).resolve()), mlflow_run_id=run_id, mlflow_tracking_uri=uri
         )
+        mlflow_utils.client(uri).set_tag(run_id, "output_dir", cfg.output_dir)
         # Host-wide GPU slots (Prefect global concurrency limit): another flow run on this
         # machine waits here instead of oversubscribing the GPUs.
         with _stage(timings, "train"), gpu_limit.host_gpus(_gpus_used(cfg, launch)):
@@ -233,8 +254,13 @@ def train_pipeline(
             )(cfg, launch)
         timings["train_job"] = round(train_out["job_seconds"], 3)
         if not train_out["result"]:  # a non-main node of a multi-node job
+            # Global rank 0 ran on another node and logged into that node's run: this one
+            # stayed empty. Delete it, so the job has exactly one MLflow run.
             mlflow_utils.end_run(run_id, uri=uri)
-            return {"run_id": run_id, "output_dir": out, "node_rank": node_rank}
+            mlflow_utils.client(uri).delete_run(run_id)
+            logger.info("global rank 0 ran on another node; its flow run evaluates and registers")
+            return {"run_id": None, "output_dir": out, "node_rank": node_rank,
+                    "timings": timings, "started_at": started_at}  # fmt: skip
         with suppress(Exception):  # run.yaml/result.json as artifacts: nice to have
             mlflow_utils.log_run_files(run_id, cfg.output_dir, uri=uri)
         name = registry.registered_name(cfg.model, identity, register_as, mlflow_utils.client(uri))

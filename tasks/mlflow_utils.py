@@ -217,6 +217,54 @@ def start_run(
     return run.info.run_id
 
 
+FLOW_RUN_TAG = "prefect.flow_run_id"
+FLOW_TAG = "cnnpipe.flow"
+CONFIG_HASH_TAG = "config_hash"
+
+
+class ConfigChangedError(ValueError):
+    """A retried flow run would train with another config than its first attempt."""
+
+
+def find_flow_run_run(
+    flow_run_id: str, flow: str, *, experiment: str | None = None, uri: str | None = None
+) -> Any:
+    """The MLflow run an earlier attempt of this Prefect flow run created, or None. A retried
+    or rescheduled flow run (`prefect flow-run retry`, a crashed worker, flow retries) keeps
+    its id, so this finds its run, and with it its output directory and checkpoints."""
+    if not flow_run_id:
+        return None
+    c = client(uri)
+    found = c.search_runs(
+        [get_or_create_experiment(experiment, uri)],
+        filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}' and tags.`{FLOW_TAG}` = '{flow}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1,
+    )
+    return found[0] if found else None
+
+
+def reopen_run(
+    run: Any, config_hash: str, *, tags: dict[str, Any] | None = None, uri: str | None = None
+) -> str:
+    """Continue an earlier attempt's run: refuse when the config changed (its checkpoints
+    belong to the other config and must not be overwritten), else mark it RUNNING again with
+    fresh owner tags. Returns the run id."""
+    old = run.data.tags.get(CONFIG_HASH_TAG)
+    if old and old != config_hash:
+        raise ConfigChangedError(
+            f"this flow run's earlier attempt trained with config hash {old} (MLflow run "
+            f"{run.info.run_id}, output {run.data.tags.get('output_dir', '?')}); this attempt has "
+            f"config hash {config_hash}. Refusing to resume or overwrite its checkpoints: start a "
+            "new flow run for the new config"
+        )
+    c = client(uri)
+    c.update_run(run.info.run_id, status="RUNNING")
+    for key, value in (tags or {}).items():
+        c.set_tag(run.info.run_id, key, str(value))
+    return run.info.run_id
+
+
 def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:
     client(uri).set_terminated(run_id, status=status)
 

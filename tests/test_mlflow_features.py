@@ -135,3 +135,94 @@ def test_prefect_side(pipeline_run: tuple[dict[str, Any], str, Path]) -> None:
     assert events, "no champion event"
     assert events[0]["payload"]["name"] == "lenet5-bugs"
     assert events[0]["payload"]["version"] == result["model_version"]
+
+
+def test_host_gpu_limit_queues_flow_runs(harness: None) -> None:
+    """Two holders of the host's GPU slots (two flow runs' training phases) with one slot:
+    the second waits until the first releases (Prefect global concurrency limit)."""
+    import threading
+
+    from tasks import gpu_limit
+
+    name = gpu_limit.limit_name("test-host")
+    assert name == "gpus-test-host"
+    assert gpu_limit.ensure_limit(1, name=name) == 1
+    assert gpu_limit.ensure_limit(4, name=name) == 1  # exists: kept unless update=True
+    assert gpu_limit.ensure_limit(1, name=name, update=True) == 1
+    spans: dict[str, tuple[float, float]] = {}
+
+    def job(label: str) -> None:
+        with gpu_limit.host_gpus(1, name=name) as held:
+            assert held == 1
+            start = time.monotonic()
+            time.sleep(1.5)
+            spans[label] = (start, time.monotonic())
+
+    threads = [threading.Thread(target=job, args=(k,)) for k in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    (a0, a1), (b0, b1) = sorted(spans.values())
+    assert b0 >= a1 - 0.05, spans  # no overlap: the second holder queued
+    with gpu_limit.host_gpus(0, name=name) as held:  # CPU jobs hold nothing
+        assert held == 0
+    # More GPUs than the limit: holds what there is instead of waiting forever.
+    with gpu_limit.host_gpus(8, name=name, timeout_seconds=30) as held:
+        assert held == 1
+
+
+def test_a_retried_flow_run_resumes_in_its_own_mlflow_run(
+    harness: None, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Item 5: the training job dies in epoch 2 (SIGKILL of rank 0, no task retry), so the flow
+    run fails; Prefect retries the flow run (same flow run id), which finds its MLflow run and
+    output directory, resumes from checkpoints/last.pt and registers one version."""
+    import threading
+
+    import mlflow
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import train_pipeline
+
+    work = tmp_path_factory.mktemp("retry")
+    uri = copy_store(mlflow_template(tmp_path_factory.getbasetemp()), work)
+    data = tiny_dataset(work / "wasps")  # 90 training images: 5 steps of 16 per epoch
+    os.environ.update(CNNPIPE_TEST_KILL_AT_STEP="7", CNNPIPE_TEST_KILL_RANK="0")
+    done = threading.Event()
+
+    def disarm() -> None:  # the first job already has the kill switch; the retry must not
+        while not done.is_set():
+            if list(work.glob("runs/*/checkpoints/last.pt")):
+                os.environ.pop("CNNPIPE_TEST_KILL_AT_STEP", None)
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=disarm, daemon=True)
+    watcher.start()
+    cwd = Path.cwd()
+    os.chdir(work)
+    try:
+        flow = train_pipeline.with_options(retries=1, retry_delay_seconds=1)
+        result = flow(
+            model="lenet5", dataset="imagefolder", data_dir=str(data), epochs=3, batch_size=16,
+            device="cpu", tracking_uri=uri, train_retries=0,
+        )  # fmt: skip
+    finally:
+        done.set()
+        os.chdir(cwd)
+        for key in ("CNNPIPE_TEST_KILL_AT_STEP", "CNNPIPE_TEST_KILL_RANK"):
+            os.environ.pop(key, None)
+    assert result["resumed_from"] and result["resumed_from"].endswith("last.pt")
+    assert result["epochs_completed"] == 3
+    c = mlflow.MlflowClient(uri)
+    run = c.get_run(result["run_id"])
+    runs = c.search_runs([run.info.experiment_id])
+    assert [r.info.run_id for r in runs] == [result["run_id"]]  # one MLflow run
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in c.get_metric_history(result["run_id"], "val_accuracy")]
+    assert sorted(steps) == [1, 2, 3]  # no duplicated epochs
+    assert len(c.search_model_versions("name = 'lenet5-wasps'")) == 1  # one version
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(run.data.tags["prefect.flow_run_id"])
+    assert flow_run.run_count == 2 and flow_run.state.is_completed()

@@ -148,3 +148,27 @@ def test_first_contact_with_a_new_store_is_race_free(tmp_path: Path) -> None:
     ]
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errors
+
+
+def test_a_retried_flow_run_finds_its_run_and_refuses_a_changed_config(store: str) -> None:
+    """Keyed on the Prefect flow run id: a retry continues the same MLflow run; one whose
+    config hash changed is refused with both hashes named, and the run is left as it was."""
+    import mlflow
+
+    c = mlflow.MlflowClient(store)
+    tags = {mlflow_utils.FLOW_RUN_TAG: "flow-run-1", mlflow_utils.FLOW_TAG: "train-pipeline",
+            mlflow_utils.CONFIG_HASH_TAG: "aaaa1111", "output_dir": "/x/runs/r"}  # fmt: skip
+    run_id = mlflow_utils.start_run("r", tags=tags, uri=store)
+    mlflow_utils.start_run("other", tags={**tags, mlflow_utils.FLOW_RUN_TAG: "x"}, uri=store)
+    mlflow_utils.end_run(run_id, "KILLED", uri=store)
+    assert mlflow_utils.find_flow_run_run("nope", "train-pipeline", uri=store) is None
+    assert mlflow_utils.find_flow_run_run("flow-run-1", "compare", uri=store) is None
+    found = mlflow_utils.find_flow_run_run("flow-run-1", "train-pipeline", uri=store)
+    assert found.info.run_id == run_id
+    with pytest.raises(mlflow_utils.ConfigChangedError, match="aaaa1111.*bbbb2222"):
+        mlflow_utils.reopen_run(found, "bbbb2222", uri=store)
+    assert c.get_run(run_id).info.status == "KILLED"  # untouched
+    again = mlflow_utils.reopen_run(found, "aaaa1111", tags={"cnnpipe.pid": "7"}, uri=store)
+    assert again == run_id
+    run = c.get_run(run_id)
+    assert run.info.status == "RUNNING" and run.data.tags["cnnpipe.pid"] == "7"
