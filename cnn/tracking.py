@@ -63,8 +63,15 @@ class Tracker:
         self.client = None
         self.monitor: Any = None
         self._logged: dict[str, set[int]] = {}
+        self.failures: list[str] = []  # logging calls that failed or were skipped
+        self.offline = False  # set at the first failure: later calls are skipped, not retried
         if not self.run_id:
             return
+        if tracking_uri(uri).startswith(("http://", "https://")):
+            # A tracking server that goes away must not stall training for minutes of HTTP
+            # retries per call (MLflow's defaults); explicit settings win.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.client = _mlflow("tracking").MlflowClient(tracking_uri=tracking_uri(uri))
         self.client.get_run(self.run_id)  # fail fast with MLflow's message if the id is wrong
         if _system_metrics_enabled():
@@ -89,11 +96,47 @@ class Tracker:
         atexit.register(self.close)
 
     def close(self) -> None:
-        """Stop the system-metrics thread and flush what it sampled."""
+        """Stop the system-metrics thread and flush what it sampled; report failed logging."""
         monitor, self.monitor = self.monitor, None
         if monitor is not None:  # at exit: a failure here must not fail the finished job
             with contextlib.suppress(Exception):
                 monitor.finish()
+        if self.failures:
+            print(self.failure_report(), flush=True)
+            self.failures = []
+
+    def failure_report(self) -> str:
+        """Which logging calls failed, and how to re-attach the job's results to the run."""
+        shown = "; ".join(self.failures[:5]) + (
+            f"; ... {len(self.failures) - 5} more" if len(self.failures) > 5 else ""
+        )
+        return (
+            f"MLflow logging to run {self.run_id} failed for {len(self.failures)} call(s): "
+            f"{shown}. Training went on; the checkpoints and result.json are kept. To re-attach, "
+            f"bring the tracking server back and rerun the same job (its run.yaml keeps "
+            f"mlflow_run_id={self.run_id}): it resumes from checkpoints/last.pt and logs the "
+            "missing epochs into the same run, without duplicates."
+        )
+
+    def _guard(self, what: str, call: Any) -> None:
+        """Run one logging call; the first failure switches logging off for this job (the
+        server is gone: waiting on it every epoch would stall training) and is reported."""
+        if self.offline:
+            self.failures.append(f"{what} (skipped)")
+            return
+        try:
+            call()
+        except Exception as exc:  # noqa: BLE001 - any client/network error: keep training
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            self.failures.append(f"{what} ({type(exc).__name__}: {first})")
+            self.offline = True
+            print(
+                f"warning: MLflow logging to run {self.run_id} failed ({what}: "
+                f"{type(exc).__name__}); training continues, further logging is skipped",
+                flush=True,
+            )
+            if not self.monitor:
+                atexit.register(self.close)
 
     @property
     def active(self) -> bool:
@@ -113,11 +156,14 @@ class Tracker:
             return
         Param = _mlflow("entities").Param
 
-        existing = self.client.get_run(self.run_id).data.params  # type: ignore[union-attr]
-        flat = flatten({k: v for k, v in params.items() if v is not None})  # no "None" noise
-        new = [Param(k, v[:6000]) for k, v in flat.items() if k not in existing]
-        for i in range(0, len(new), 100):  # MLflow's per-batch param limit
-            self.client.log_batch(self.run_id, params=new[i : i + 100])  # type: ignore[union-attr]
+        def call() -> None:
+            existing = self.client.get_run(self.run_id).data.params  # type: ignore[union-attr]
+            flat = flatten({k: v for k, v in params.items() if v is not None})  # no "None"
+            new = [Param(k, v[:6000]) for k, v in flat.items() if k not in existing]
+            for i in range(0, len(new), 100):  # MLflow's per-batch param limit
+                self.client.log_batch(self.run_id, params=new[i : i + 100])  # type: ignore[union-attr]
+
+        self._guard("log_params", call)
 
     def log_metrics(self, metrics: dict[str, float | None], step: int) -> None:
         """Log finite metrics at `step`, skipping any (key, step) this run already has."""
@@ -125,18 +171,27 @@ class Tracker:
             return
         Metric = _mlflow("entities").Metric
 
-        now = int(time.time() * 1000)
-        batch = []
-        for key, value in metrics.items():
-            if value is None or value != value or step in self._steps(key):  # None/NaN/dup
-                continue
-            batch.append(Metric(key, float(value), now, step))
-            self._logged[key].add(step)
-        if batch:
-            self.client.log_batch(self.run_id, metrics=batch)  # type: ignore[union-attr]
+        def call() -> None:
+            now = int(time.time() * 1000)
+            batch, added = [], []
+            for key, value in metrics.items():
+                if value is None or value != value or step in self._steps(key):  # None/NaN/dup
+                    continue
+                batch.append(Metric(key, float(value), now, step))
+                added.append(key)
+            if batch:
+                self.client.log_batch(self.run_id, metrics=batch)  # type: ignore[union-attr]
+            for key in added:  # only once it is stored: a failed batch is re-logged on resume
+                self._logged[key].add(step)
+
+        self._guard(f"log_metrics step {step}", call)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if not self.active:
             return
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))  # type: ignore[union-attr]
+
+        def call() -> None:
+            for key, value in tags.items():
+                self.client.set_tag(self.run_id, key, str(value))  # type: ignore[union-attr]
+
+        self._guard("set_tags", call)
