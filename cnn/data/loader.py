@@ -210,6 +210,22 @@ def _collate(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, to
     return batch
 
 
+def _plan_loader(
+    dataset: Dataset, plan: ShardPlan, start_batch: int, num_workers: int, *, pin: bool
+) -> DataLoader:
+    """A DataLoader whose batches are the plan's, from ``start_batch`` (one item per batch)."""
+    sampler = _PlanSampler(plan)
+    sampler.start = start_batch
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=pin,
+        prefetch_factor=4 if num_workers else None,
+    )
+
+
 class StreamLoader(_LoaderBase):
     """``torch.utils.data.DataLoader`` with workers and ``transforms.v2``, same sharding."""
 
@@ -226,16 +242,8 @@ class StreamLoader(_LoaderBase):
         self.dataset = _SeededBatchDataset(images, labels, _v2_transform(augment))
 
     def iterate(self, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        sampler = _PlanSampler(self.plan)
-        sampler.start = start_batch
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=_collate,
-            pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if self.num_workers else None,
-        )
+        loader = _plan_loader(self.dataset, self.plan, start_batch, self.num_workers,
+                              pin=self.device.type == "cuda")  # fmt: skip
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
@@ -407,17 +415,8 @@ class StoreLoader(_LoaderBase):
         self.dataset = _StoreBatchDataset(split, aug if rrc else eval_like, rrc, decoder)
 
     def iterate(self, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        sampler = _PlanSampler(self.plan)
-        sampler.start = start_batch
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=_collate,
-            pin_memory=self.device.type == "cuda" and self.decoder != "device",
-            prefetch_factor=4 if self.num_workers else None,
-            persistent_workers=False,
-        )
+        pin = self.device.type == "cuda" and self.decoder != "device"
+        loader = _plan_loader(self.dataset, self.plan, start_batch, self.num_workers, pin=pin)
         batches = self.plan.batches(start_batch)
         for out in loader:
             i, idx = next(batches)
