@@ -274,12 +274,16 @@ class TrainConfig:
             ("eval_batch_size", self.eval_batch_size),
             ("input_size", self.input_size),
             ("resolution", self.resolution),
-            ("image_cap", self.image_cap),
             ("max_image_pixels", self.max_image_pixels),
             ("num_threads", self.num_threads),
         ):
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} must be >= 1 (or null for the default)")
+        if self.image_cap is not None and self.image_cap < 8:
+            raise ValueError(
+                f"image_cap must be an integer >= 8 (pixels), got {self.image_cap}; it caps the "
+                "shorter side of images in the shard store (default 288)"
+            )
         for name, value, lo, hi in (
             ("val_fraction", self.val_fraction, 0.0, 1.0),
             ("label_smoothing", self.label_smoothing, 0.0, 1.0),

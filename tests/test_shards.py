@@ -363,3 +363,37 @@ def test_store_on_s3_streams_through_litdata(folder, s3_server, tmp_path):
     n = sum(len(y) for _, y in L.train)
     assert n == (66 // 8) * 8
     assert sum(len(y) for _, y in L.val) == 6
+
+
+@pytest.mark.parametrize(
+    ("setting", "needle"),
+    [
+        ("storage=disk", "storage='disk' is not valid; choose one of auto, memory, shards"),
+        ("image_cap=3", "image_cap must be an integer >= 8 (pixels), got 3"),
+        ("max_image_pixels=0", "max_image_pixels=0 must be >= 1"),
+        ("lr=0.1", "cnnpipe prepare --set accepts storage, image_cap, max_image_pixels; got lr"),
+    ],
+)
+def test_cli_prepare_rejects_bad_settings_in_one_line(folder, tmp_path, capsys, setting, needle):
+    from flows.cli import main
+
+    cache = tmp_path / "cache"
+    argv = ["prepare", "--dataset", "imagefolder", "--data-dir", str(folder),
+            "--cache-dir", str(cache), "--set", setting]  # fmt: skip
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert out == "" and len(lines) == 1 and needle in lines[0], err
+    assert not cache.exists()
+
+
+def test_cli_prepare_builds_a_shard_store(folder, tmp_path, capsys):
+    from flows.cli import main
+
+    argv = ["prepare", "--dataset", "imagefolder", "--data-dir", str(folder), "--cache-dir",
+            str(tmp_path / "c"), "--set", "storage=shards", "--set", "image_cap=40",
+            "--json"]  # fmt: skip
+    assert main(argv) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["storage"] == "shards" and info["resolution"] == 40
+    assert (Path(info["path"]) / "train" / "index.json").exists()
