@@ -5,9 +5,9 @@
     uv run --group bench python benchmarks/bench_store.py --medium MEDIUM --big BIG --work W
 
 Steps (each can be skipped; ``--quick`` runs all of them at toy size on a generated folder):
-1. ``prepare``: ``prepare_dataset(storage="shards")`` in a child process on MEDIUM and BIG:
-   images/s and the peak RSS of the whole process tree (sampled every 0.1 s), and the store's
-   size on disk against the source folder.
+1. ``prepare``: ``cnnpipe prepare --set storage=shards`` in a child process on MEDIUM and BIG:
+   images/s and the peak memory (summed PSS) of the whole process tree, sampled every 0.1 s,
+   and the store's size on disk against the source folder.
 2. ``libraries``: the same encoded JPEGs written by LitData ``optimize`` and by MosaicML
    ``streaming``'s ``MDSWriter`` (one writer per core, then ``merge_index``), and read back in
    a chunk-window order: write images/s, size, read samples/s.
@@ -80,35 +80,31 @@ def count_images(folder: Path) -> int:
     return sum(len(files) for _, _, files in os.walk(folder))
 
 
-def run_child(code: str) -> tuple[float, float, str]:
-    """Run python code in a child; return (seconds, peak RSS GiB of its tree, last stdout)."""
+def run_child(code: str | list[str]) -> tuple[float, float, str]:
+    """Run python code (or a command) in a child; return (seconds, peak PSS GiB of its tree,
+    last line of its stdout)."""
+    cmd = [sys.executable, "-c", code] if isinstance(code, str) else code
     t0 = time.perf_counter()
     p = subprocess.Popen(
-        [sys.executable, "-c", code],
-        stdout=subprocess.PIPE,
-        stderr=None,
-        text=True,
+        cmd, stdout=subprocess.PIPE, stderr=None, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    )  # fmt: skip
     peak = PeakRSS(p.pid)
     out, _ = p.communicate()
     rss = peak.done()
     if p.returncode:
-        raise SystemExit(f"child failed ({p.returncode}): {code}")
+        raise SystemExit(f"child failed ({p.returncode}): {cmd}")
     return time.perf_counter() - t0, rss, out.strip().splitlines()[-1] if out.strip() else ""
 
 
 def bench_prepare(folder: Path, cache: Path, cap: int) -> dict:
     n = count_images(folder)
     log(f"prepare {folder} ({n} images) ...")
-    code = (
-        "import json\n"
-        "from cnn.data import prepare_dataset\n"
-        f"i = prepare_dataset('imagefolder', data_dir={str(folder)!r}, cache_dir={str(cache)!r},"
-        f" storage='shards', image_cap={cap})\n"
-        "print(json.dumps({'path': str(i.path), 'splits': i.splits}))\n"
-    )
-    secs, rss, out = run_child(code)
+    # The real command line, as a user runs it (its --json object is the last stdout line).
+    cmd = [sys.executable, "-m", "flows.cli", "prepare", "--dataset", "imagefolder",
+           "--data-dir", str(folder), "--cache-dir", str(cache), "--set", "storage=shards",
+           "--set", f"image_cap={cap}", "--json"]  # fmt: skip
+    secs, rss, out = run_child(cmd)
     info = json.loads(out)
     store, source = du(Path(info["path"])), du(folder)
     res = {
@@ -315,6 +311,10 @@ def main() -> None:
             out["prepare_peak_rss_ratio_big_over_medium"] = round(
                 out["prepare_big"]["peak_rss_gib"] / out["prepare_medium"]["peak_rss_gib"], 3
             )
+    for name in ("medium", "big"):  # stores prepared by an earlier run of --steps prepare
+        found = sorted((a.work / f"cache-{name}").glob("imagefolder-*/meta.json"))
+        if name not in stores and found:
+            stores[name] = str(found[-1].parent)
     if "libraries" in steps and a.medium:
         out["libraries"] = bench_libraries(a.medium, a.work, cap, 2000 if not a.quick else 300)
     if "stream" in steps and "medium" in stores:
