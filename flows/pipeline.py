@@ -8,6 +8,7 @@ so `cnnpipe train --json` can report where the pipeline's own overhead goes.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
@@ -102,6 +103,40 @@ def _evaluate_and_register(
                 data_identity=identity.to_dict() if identity else None,
             )
     return metrics, reg
+
+
+@contextmanager
+def _training_log(output_dir: Path, flow_run_id: str) -> Iterator[None]:
+    """Copy the training task's log (torchrun's output as streamed into Prefect) to
+    `<output_dir>/train.log`, appended per attempt, so the MLflow run gets it as an artifact.
+    Collected aside first: a job that fails before its first checkpoint leaves no folder."""
+    import logging
+    import tempfile
+
+    class _ThisFlowsTraining(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return getattr(record, "task_name", "") == "train-model" and (
+                not flow_run_id or getattr(record, "flow_run_id", None) == flow_run_id
+            )
+
+    fd, tmp = tempfile.mkstemp(prefix="cnnpipe-train-", suffix=".log")
+    os.close(fd)
+    handler = logging.FileHandler(tmp, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.addFilter(_ThisFlowsTraining())
+    logger = logging.getLogger("prefect.task_runs")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        with suppress(OSError):
+            if output_dir.is_dir():
+                with open(output_dir / "train.log", "a", encoding="utf-8") as out:
+                    out.write(Path(tmp).read_text(encoding="utf-8"))
+        with suppress(OSError):
+            os.unlink(tmp)
 
 
 def _gpus_used(cfg: Any, launch: LaunchSpec) -> int:
@@ -248,7 +283,11 @@ def train_pipeline(
         mlflow_utils.client(uri).set_tag(run_id, "output_dir", cfg.output_dir)
         # Host-wide GPU slots (Prefect global concurrency limit): another flow run on this
         # machine waits here instead of oversubscribing the GPUs.
-        with _stage(timings, "train"), gpu_limit.host_gpus(_gpus_used(cfg, launch)):
+        with (
+            _stage(timings, "train"),
+            gpu_limit.host_gpus(_gpus_used(cfg, launch)),
+            _training_log(Path(cfg.output_dir), flow_run_id),
+        ):
             train_out = train_model.with_options(
                 retries=train_retries, timeout_seconds=train_timeout_seconds
             )(cfg, launch)

@@ -81,7 +81,9 @@ def test_run_is_readable_in_the_ui(pipeline_run: tuple[dict[str, Any], str, Path
     assert params["model"] == "lenet5" and params["epochs"] == "2"
     assert "None" not in params.values()  # unset options are left out, not logged as "None"
     files = {a.path for a in c.list_artifacts(run.info.run_id, "run")}
-    assert {"run/run.yaml", "run/result.json"} <= files
+    assert {"run/run.yaml", "run/result.json", "run/train.log"} <= files
+    log = Path(c.download_artifacts(run.info.run_id, "run/train.log", str(work))).read_text()
+    assert "test accuracy" in log and "launching" in log  # the job's own output, streamed
     # The dataset is the run's input: name, digest, source folder and split sizes.
     (ds_input,) = run.inputs.dataset_inputs
     ds = ds_input.dataset
