@@ -27,7 +27,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks import gpu_limit, mlflow_utils, plots, registry
 from tasks.evaluate import artifact_key, evaluate_model
-from tasks.launch import JobSlots, LaunchSpec, process_tags
+from tasks.launch import JobSlots, LaunchSpec, kill_all_jobs, process_tags
 from tasks.plan import Overrides, plan_training
 from tasks.prepare import prepare_for
 from tasks.register import register_model
@@ -293,12 +293,8 @@ def train_pipeline(
             )(cfg, launch)
         timings["train_job"] = round(train_out["job_seconds"], 3)
         if not train_out["result"]:  # a non-main node of a multi-node job
-            # Global rank 0 ran on another node and logged into that node's run: this one
-            # stayed empty. Delete it, so the job has exactly one MLflow run.
             mlflow_utils.end_run(run_id, uri=uri)
-            mlflow_utils.client(uri).delete_run(run_id)
-            logger.info("global rank 0 ran on another node; its flow run evaluates and registers")
-            return {"run_id": None, "output_dir": out, "node_rank": node_rank,
+            return {"run_id": run_id, "output_dir": out, "node_rank": node_rank,
                     "timings": timings, "started_at": started_at}  # fmt: skip
         with suppress(Exception):  # run.yaml/result.json as artifacts: nice to have
             mlflow_utils.log_run_files(run_id, cfg.output_dir, uri=uri)
@@ -538,6 +534,8 @@ def compare_architectures(
         failed = [r["model"] for r in table if not str(r["status"]).startswith("ok")]
         mlflow_utils.end_run(parent, "FAILED" if failed else "FINISHED", uri=uri)
     except BaseException as exc:
+        if not isinstance(exc, Exception):  # a signal (Prefect's TerminationSignal, Ctrl-C):
+            kill_all_jobs(4.0, stop=True)  # stop the running jobs, start no further model
         hold.close()
         for model, child in children.items():
             if rows[model]["status"] == "running":
