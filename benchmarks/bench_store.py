@@ -6,7 +6,7 @@
 
 Steps (each can be skipped; ``--quick`` runs all of them at toy size on a generated folder):
 1. ``prepare``: ``cnnpipe prepare --set storage=shards`` in a child process on MEDIUM and BIG:
-   images/s and the peak memory (summed PSS) of the whole process tree, sampled every 0.1 s,
+   images/s and the peak memory (summed PSS) of the whole process tree, sampled every 0.5 s,
    and the store's size on disk against the source folder.
 2. ``libraries``: the same encoded JPEGs written by LitData ``optimize`` and by MosaicML
    ``streaming``'s ``MDSWriter`` (one writer per core, then ``merge_index``), and read back in
@@ -48,7 +48,7 @@ class PeakRSS:
     (torch's libraries alone are ~400 MB), which a sum of RSS would count once per process.
     """
 
-    def __init__(self, pid: int, every: float = 0.1) -> None:
+    def __init__(self, pid: int, every: float = 0.5) -> None:
         self.proc, self.every, self.peak = psutil.Process(pid), every, 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
