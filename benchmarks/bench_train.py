@@ -5,9 +5,11 @@
 Figures, on the CIFAR-10 training JPEGs (../shared/data/cifar10-jpeg-train.tar.gz) with 10% of
 them held out for validation:
 - `time_to_target`: the `lenet5-cifar10` recipe under `torchrun --nproc-per-node 2` (1 thread
-  per rank); the epoch and seconds at which validation accuracy first reached 67%, and the
-  final validation accuracy. Seconds are counted from the start of `cnn.train` (data load, model
-  build and every epoch's evaluation included); `wall_s` adds the torchrun/interpreter start-up.
+  per rank) with seeds 0, 1 and 2; per seed, the epoch at which validation accuracy first
+  reached 68.5%, the training seconds until then (`train_seconds_to_target`: optimizer steps
+  only, the figure held against the 45-s target), the seconds from the start of `cnn.train`
+  (data load, model build and every evaluation included) and the final validation accuracy;
+  `wall_s` adds the torchrun/interpreter start-up.
 - `throughput`: training images/s of the engine (one epoch of the recipe) with 1 rank x 1
   thread, 2 ranks x 1 thread and 1 rank x 2 threads, against the chapter's loop (batch 8, Adam,
   per-image transforms, measured here in the same process for a fair ratio), and the DDP
@@ -40,7 +42,10 @@ from bench_data import extract, log, rate, write_cifar_batches  # noqa: E402
 SHARED_DATA = Path(os.environ.get("CNNPIPE_SHARED_DATA", REPO.parent / "shared" / "data"))
 ARCHIVE = "cifar10-jpeg-train.tar.gz"
 CHAPTER_BATCH = 8
-TARGET = 0.67
+# Issue 9: a margin over the chapter's 67% test figure, within 45 s of training, every seed.
+TARGET = 0.685
+TARGET_TRAIN_S = 45.0
+SEEDS = "0,1,2"
 # Not bench_data.py's "cache" folder, which that script deletes when it starts.
 CACHE = "train-cache"
 
@@ -154,6 +159,9 @@ def time_to_target(result: dict[str, Any], target: float) -> dict[str, Any]:
         "reached": hit is not None,
         "epoch": hit["epoch"] if hit else None,
         "seconds": round(hit["elapsed_s"], 2) if hit else None,
+        "train_seconds_to_target": (
+            round(hit["train_seconds"], 2) if hit and "train_seconds" in hit else None
+        ),
         "epochs_run": result["epochs_completed"],
         "final_val_accuracy": history[-1]["val_accuracy"],
         "best_val_accuracy": result["best_val_accuracy"],
@@ -193,6 +201,7 @@ def _run(argv: list[str] | None) -> dict[str, Any]:
         help="scratch folder (extracted JPEGs, tensor cache, runs); shared with bench_data.py",
     )
     parser.add_argument("--target", type=float, default=TARGET)
+    parser.add_argument("--seeds", default=SEEDS, help="comma-separated seeds for time-to-target")
     parser.add_argument("--skip-time-to-target", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args(argv)
@@ -253,8 +262,19 @@ def _run(argv: list[str] | None) -> dict[str, Any]:
 
     if not args.skip_time_to_target:
         over = [f"target_accuracy={args.target}"] if args.quick else []
-        result = run_engine("time-to-target", workdir, data_dir, 2, 1, over)
-        report["time_to_target"] = {**time_to_target(result, args.target), "target_s": 60.0}
+        per_seed: dict[str, Any] = {}
+        for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
+            result = run_engine(
+                f"time-to-target-seed{seed}", workdir, data_dir, 2, 1, [*over, f"seed={seed}"]
+            )
+            per_seed[str(seed)] = time_to_target(result, args.target)
+        secs = [r["train_seconds_to_target"] for r in per_seed.values()]
+        report["time_to_target"] = {
+            "target_val_accuracy": args.target,
+            "target_train_s": TARGET_TRAIN_S,
+            "all_seeds_within_target": all(s is not None and s <= TARGET_TRAIN_S for s in secs),
+            "seeds": per_seed,
+        }
 
     report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     return report
