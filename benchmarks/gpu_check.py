@@ -4,6 +4,9 @@ benchmarks/results/gpu-<date>.json.
     python benchmarks/gpu_check.py                 # on a GPU host: under 8 minutes on one H200
     python benchmarks/gpu_check.py --cpu-smoke     # every step at toy size on CPU (CI, laptops)
 
+On a lent GPU machine only the checkout travels: carry the CIFAR archive in an ignored folder
+and pass ``--data-dir`` (see benchmarks/results/README.md).
+
 Why one script: the GPU host has torch, torchvision, NumPy, Pillow and PyYAML only (no Prefect,
 MLflow, pydantic or package registry) and is lent for minutes at a time, so the check must run
 the engine alone, in one call, and leave its figures even when a step fails or time runs out
