@@ -158,15 +158,18 @@ def test_nccl_ddp_equals_one_rank(tiny_data: dict, tmp_path: Path, torch_globals
         assert result["equal_to_one_process"] and result["all_reduce_sum_ok"], result
     if GPUS < 2:
         return
-    two = tiny_config(tiny_data, tmp_path / "two", device="cuda")
+    # The engine itself on 2 GPUs. Not deterministic mode (torch has no deterministic CUDA
+    # kernel for some losses/pools) and TF32 convolutions may pick other algorithms per batch
+    # size, so agreement is to TF32 rounding; the exact NCCL check is the worker's above.
+    two = tiny_config(tiny_data, tmp_path / "two", device="cuda", deterministic=False)
     code, text = run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "cnn.train", "--config", str(write_config(two))], timeout=300,
     )  # fmt: skip
     assert code == 0, text[-4000:]
-    one = tiny_config(tiny_data, tmp_path / "one", device="cuda")
+    one = tiny_config(tiny_data, tmp_path / "one", device="cuda", deterministic=False)
     train(one)
-    assert_params_close(model_params(two.output_dir), model_params(one.output_dir), atol=1e-4)
+    assert_params_close(model_params(two.output_dir), model_params(one.output_dir), atol=5e-3)
 
 
 @pytest.mark.gpu
