@@ -1,4 +1,4 @@
-"""MLflow 3's model-centric features and a readable UI (issue 8, items 3, 4 and 7), on one real
+"""MLflow 3's model-centric features and a readable UI (issue 8, items 3, 4, 5 and 7), on one real
 `train_pipeline` flow run: temporary Prefect server, real torchrun (gloo, CPU), real MLflow
 SQLite store. Tiny learnable images keep the job short."""
 
@@ -47,20 +47,41 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 def pipeline_run(
     harness: None, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[dict[str, Any], str, Path]:
-    work = tmp_path_factory.mktemp("features")
-    uri = copy_store(mlflow_template(tmp_path_factory.getbasetemp()), work)
-    data = tiny_dataset(work / "bugs")
+    """One real flow run, which also exercises item 5: the training job dies in epoch 2
+    (SIGKILL of rank 0 after step 7, no task retry), so the flow run fails; Prefect retries the
+    flow run (same flow run id), which must find its MLflow run and output directory, resume
+    from checkpoints/last.pt and register one version."""
+    import threading
+
     from flows.pipeline import train_pipeline
 
+    work = tmp_path_factory.mktemp("features")
+    uri = copy_store(mlflow_template(tmp_path_factory.getbasetemp()), work)
+    data = tiny_dataset(work / "bugs")  # 90 training images: 5 steps of 16 per epoch
+    os.environ.update(CNNPIPE_TEST_KILL_AT_STEP="7", CNNPIPE_TEST_KILL_RANK="0")
+    done = threading.Event()
+
+    def disarm() -> None:  # the first job already has the kill switch; the retry must not
+        while not done.is_set():
+            if list(work.glob("runs/*/checkpoints/last.pt")):
+                os.environ.pop("CNNPIPE_TEST_KILL_AT_STEP", None)
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=disarm, daemon=True).start()
     cwd = Path.cwd()
     os.chdir(work)  # runs/ and mlruns/ land here
     try:
-        result = train_pipeline(
-            model="lenet5", dataset="imagefolder", data_dir=str(data), epochs=2, batch_size=16,
+        flow = train_pipeline.with_options(retries=1, retry_delay_seconds=1)
+        result = flow(
+            model="lenet5", dataset="imagefolder", data_dir=str(data), epochs=3, batch_size=16,
             device="cpu", tracking_uri=uri, train_retries=0,
         )  # fmt: skip
     finally:
+        done.set()
         os.chdir(cwd)
+        for key in ("CNNPIPE_TEST_KILL_AT_STEP", "CNNPIPE_TEST_KILL_RANK"):
+            os.environ.pop(key, None)
     return result, uri, work
 
 
@@ -74,16 +95,17 @@ def test_run_is_readable_in_the_ui(pipeline_run: tuple[dict[str, Any], str, Path
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert run.info.run_name == "lenet5-bugs"
     note = run.data.tags["mlflow.note.content"]
-    assert "lenet5 on bugs (3 classes)" in note and "recipe" in note and "2 epochs" in note
+    assert "lenet5 on bugs (3 classes)" in note and "recipe" in note and "3 epochs" in note
     assert run.data.tags["mlflow.source.name"] == "cnnpipe"
     assert len(run.data.tags.get("mlflow.source.git.commit", "")) == 40
     params = run.data.params
-    assert params["model"] == "lenet5" and params["epochs"] == "2"
+    assert params["model"] == "lenet5" and params["epochs"] == "3"
     assert "None" not in params.values()  # unset options are left out, not logged as "None"
     files = {a.path for a in c.list_artifacts(run.info.run_id, "run")}
     assert {"run/run.yaml", "run/result.json", "run/train.log"} <= files
     log = Path(c.download_artifacts(run.info.run_id, "run/train.log", str(work))).read_text()
     assert "test accuracy" in log and "launching" in log  # the job's own output, streamed
+    assert "resumed from" in log  # both attempts, appended
     # The dataset is the run's input: name, digest, source folder and split sizes.
     (ds_input,) = run.inputs.dataset_inputs
     ds = ds_input.dataset
@@ -175,46 +197,12 @@ def test_host_gpu_limit_queues_flow_runs(harness: None) -> None:
 
 
 def test_a_retried_flow_run_resumes_in_its_own_mlflow_run(
-    harness: None, tmp_path_factory: pytest.TempPathFactory
+    pipeline_run: tuple[dict[str, Any], str, Path],
 ) -> None:
-    """Item 5: the training job dies in epoch 2 (SIGKILL of rank 0, no task retry), so the flow
-    run fails; Prefect retries the flow run (same flow run id), which finds its MLflow run and
-    output directory, resumes from checkpoints/last.pt and registers one version."""
-    import threading
-
     import mlflow
     from prefect.client.orchestration import get_client
 
-    from flows.pipeline import train_pipeline
-
-    work = tmp_path_factory.mktemp("retry")
-    uri = copy_store(mlflow_template(tmp_path_factory.getbasetemp()), work)
-    data = tiny_dataset(work / "wasps")  # 90 training images: 5 steps of 16 per epoch
-    os.environ.update(CNNPIPE_TEST_KILL_AT_STEP="7", CNNPIPE_TEST_KILL_RANK="0")
-    done = threading.Event()
-
-    def disarm() -> None:  # the first job already has the kill switch; the retry must not
-        while not done.is_set():
-            if list(work.glob("runs/*/checkpoints/last.pt")):
-                os.environ.pop("CNNPIPE_TEST_KILL_AT_STEP", None)
-                return
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=disarm, daemon=True)
-    watcher.start()
-    cwd = Path.cwd()
-    os.chdir(work)
-    try:
-        flow = train_pipeline.with_options(retries=1, retry_delay_seconds=1)
-        result = flow(
-            model="lenet5", dataset="imagefolder", data_dir=str(data), epochs=3, batch_size=16,
-            device="cpu", tracking_uri=uri, train_retries=0,
-        )  # fmt: skip
-    finally:
-        done.set()
-        os.chdir(cwd)
-        for key in ("CNNPIPE_TEST_KILL_AT_STEP", "CNNPIPE_TEST_KILL_RANK"):
-            os.environ.pop(key, None)
+    result, uri, _ = pipeline_run
     assert result["resumed_from"] and result["resumed_from"].endswith("last.pt")
     assert result["epochs_completed"] == 3
     c = mlflow.MlflowClient(uri)
@@ -224,7 +212,7 @@ def test_a_retried_flow_run_resumes_in_its_own_mlflow_run(
     assert run.info.status == "FINISHED"
     steps = [m.step for m in c.get_metric_history(result["run_id"], "val_accuracy")]
     assert sorted(steps) == [1, 2, 3]  # no duplicated epochs
-    assert len(c.search_model_versions("name = 'lenet5-wasps'")) == 1  # one version
+    assert len(c.search_model_versions("name = 'lenet5-bugs'")) == 1  # one version
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(run.data.tags["prefect.flow_run_id"])
     assert flow_run.run_count == 2 and flow_run.state.is_completed()
