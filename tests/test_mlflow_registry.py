@@ -172,3 +172,22 @@ def test_a_retried_flow_run_finds_its_run_and_refuses_a_changed_config(store: st
     assert again == run_id
     run = c.get_run(run_id)
     assert run.info.status == "RUNNING" and run.data.tags["cnnpipe.pid"] == "7"
+
+
+def test_runs_carry_source_notes_and_params_without_none(store: str) -> None:
+    """What the compare parent run and every pipeline run show in the UI: source and git
+    tags, the notes (description), params without `None` entries, a training experiment."""
+    import mlflow
+
+    run_id = mlflow_utils.start_run(
+        "compare-cifar10", description="Comparison of a, b", uri=store,
+        params={"models": "lenet5,resnet18_cifar", "epochs": 3, "recipe": None},
+    )  # fmt: skip
+    c = mlflow.MlflowClient(store)
+    run = c.get_run(run_id)
+    assert run.data.params == {"models": "lenet5,resnet18_cifar", "epochs": "3"}
+    assert run.data.tags["mlflow.note.content"] == "Comparison of a, b"
+    assert run.data.tags["mlflow.source.name"] == "cnnpipe"
+    assert len(run.data.tags["mlflow.source.git.commit"]) == 40  # this checkout's commit
+    exp = c.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
