@@ -337,11 +337,14 @@ class _StoreBatchDataset(Dataset):
     def __getitems__(self, batch: Sequence) -> tuple[Any, ...]:
         seed, idx = batch[0]
         g = torch.Generator().manual_seed(seed)
-        size, datas, labels, boxes, flips = self.aug.input_size, [], [], [], []
-        for i in idx.tolist():
-            data, label = self.split[i]
-            datas.append(data)
-            labels.append(label)
+        size, boxes, flips = self.aug.input_size, [], []
+        # Read in store order (LitData re-opens a chunk's Arrow table on every chunk switch:
+        # sorted, a batch switches at most once per chunk), then restore the batch's order.
+        wanted = idx.tolist()
+        got = {i: self.split[i] for i in sorted(set(wanted))}
+        datas = [got[i][0] for i in wanted]
+        labels = [got[i][1] for i in wanted]
+        for data in datas:
             if self.crop:
                 h, w = _jpeg_size(data)
                 box, flip = _rrc_flip_params(h, w, self.aug, g)

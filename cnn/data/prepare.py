@@ -730,6 +730,12 @@ def _prepare_shards(
             full = items["train"]
             items["val"] = [full[i] for i in va.tolist()]
             items["train"] = [full[i] for i in tr.tolist()]
+        # Store each split in a seeded random order: a folder lists images class by class, and
+        # the loader's chunk-window shuffle mixes only ~8 chunks at a time, so class-sorted
+        # chunks would make class-correlated batches (webdataset shuffles shards likewise).
+        g = torch.Generator().manual_seed(params["seed"])
+        items = {k: [v[i] for i in torch.randperm(len(v), generator=g).tolist()]
+                 for k, v in items.items()}  # fmt: skip
         all_bad: list[tuple[str, str]] = []
         counts: dict[str, int] = {}
         labels: dict[str, torch.Tensor] = {}

@@ -42,7 +42,7 @@ import torch
 
 from .images import JPEG_QUALITY, MAX_IMAGE_PIXELS, encode_capped
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 2: samples stored in a seeded random order (1 was folder order)
 # Shorter-side cap of stored images for 224-px training (see docs/internals.md for the
 # measurement): RandomResizedCrop samples crops of 8-100% of the image, so a cap a little above
 # the eval resize (256 for 224 px) keeps nearly all usable detail while the decode cost, which
