@@ -17,6 +17,7 @@ from prefect.runtime import task_run
 import cnn
 from cnn.config import TrainConfig
 from tasks.launch import (
+    JobCancelledError,
     JobSlots,
     LaunchSpec,
     TrainingJobError,
@@ -71,6 +72,8 @@ def train_model(
     A Prefect retry reruns this with the same output dir and MLflow run id, so the engine
     resumes from checkpoints/last.pt and keeps logging into the same run."""
     logger = get_run_logger()
+    if stopping():  # a signal arrived: no further job starts (compare's next model)
+        raise JobCancelledError(f"{cfg.model}: not started, this process is stopping")
     out = Path(cfg.output_dir)
     created = [p for p in (out, *out.parents) if not p.exists()]  # innermost first
     config_path = cfg.to_yaml(out / "run.yaml")
@@ -79,6 +82,9 @@ def train_model(
     wants_gpu = cfg.resolved_device() == "cuda" and launch.standalone
     slot = slots.acquire(launch.nproc_per_node if wants_gpu else 0) if slots else nullcontext([])
     with slot as gpus:
+        if stopping():  # the signal came while this job waited for its slot
+            _remove_if_empty_run(out, created)
+            raise JobCancelledError(f"{cfg.model}: not started, this process is stopping")
         # The job imports `cnn` from this checkout even when the package is not installed.
         env = {
             "PYTHONPATH": os.pathsep.join(
