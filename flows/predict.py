@@ -15,7 +15,6 @@ ImageNet model (weights from `pretrained`, a local state-dict file, or the torch
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,11 +57,6 @@ def load_images(paths: list[Path], channels: int) -> list[Any]:
     from cnn.export import load_image
 
     return [load_image(p, channels) for p in paths]
-
-
-def _artifact_key(*parts: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:100] or "artifact"
 
 
 def evaluate(
@@ -156,6 +150,8 @@ def _flows() -> dict[str, Callable[..., Any]]:
     from prefect import flow, get_run_logger
     from prefect.artifacts import create_table_artifact
 
+    from tasks.evaluate import artifact_key
+
     @flow(name="evaluate-model")
     def evaluate_model(
         model_uri: str,
@@ -172,7 +168,7 @@ def _flows() -> dict[str, Callable[..., Any]]:
         create_table_artifact(
             [{"class": c, "accuracy": a}
              for c, a in result["metrics"]["per_class_accuracy"].items()],
-            key=_artifact_key("evaluate", dataset, split),
+            key=artifact_key("evaluate", dataset, split),
             description=f"{model_uri} on {dataset}/{split}: accuracy {acc:.2%}",
         )  # fmt: skip
         return result
