@@ -240,7 +240,7 @@ def _want_flow(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "flow", False) or os.environ.get("PREFECT_API_URL"))
 
 
-def _before_flow(args: argparse.Namespace) -> Callable[[], None]:
+def _before_flow(args: argparse.Namespace, warm: bool = True) -> Callable[[], None]:
     """Everything between a valid plan and the flow: MLflow reachable and usable (an
     unreachable server fails now, not after training), orphaned runs closed, Prefect's API
     warming up. Returns the wait for Prefect."""
@@ -252,7 +252,7 @@ def _before_flow(args: argparse.Namespace) -> Callable[[], None]:
         _mark_orphaned_runs(uri)
     # Only now (valid input, MLflow ready): a warm-up started earlier competes for the GIL
     # with the validation imports and slows bad-input errors down several-fold.
-    return _warm_prefect_api(args.warm)
+    return _warm_prefect_api(args.warm and warm)
 
 
 # -------------------------------------------------------------------- commands
@@ -351,8 +351,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         check_tracking_destination()
         # Bad input fails here, within seconds, with nothing written anywhere. The flow's own
         # plan_training call with the same arguments is answered from the plan's memo.
+        waits: list[Callable[[], None]] = []
         plan_training(
             **{k: params[k] for k in ("model", "dataset", "data_dir", "cache_dir", "recipe")},
+            after_quick_checks=lambda: waits.append(_warm_prefect_api(args.warm)),
             config_file=args.config,
             overrides={**parse_overrides(args.set), **overrides},
             nproc_per_node=args.nproc_per_node,
@@ -361,10 +363,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             rdzv_endpoint=args.rdzv_endpoint,
             max_restarts=args.max_restarts,
         )
-        wait_for_prefect = _before_flow(args)
+        _before_flow(args, warm=False)  # Prefect's server is booting since the quick checks
         from flows.pipeline import train_pipeline
 
-        wait_for_prefect()
+        for wait in waits:
+            wait()
         result = train_pipeline(**params)
         result["timings"] = {
             "startup": round(result.pop("started_at") - _T0, 3),

@@ -27,7 +27,7 @@ import json
 import os
 import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -400,27 +400,14 @@ def _clean(exc: BaseException) -> str:
     return text.split(" Re-running `torch.load`")[0].split(" In PyTorch 2.6")[0].rstrip(" .,")
 
 
-def check_pretrained(cfg: TrainConfig) -> None:
-    """`pretrained` is a weights name that is available (hub cache, or its host resolves) or a
-    state-dict file that loads with weights_only=True and fits the architecture."""
-    if not cfg.pretrained:
-        return
+def _pretrained_kind(cfg: TrainConfig) -> str:
+    """'name' (a weights name of the model) or 'file' (an existing file); raises for anything
+    else: a missing file, a directory, a name the model does not have. No torch."""
     info = models_table()["models"][cfg.model]
     text = str(cfg.pretrained)
     weights = info.get("weights") or []
     if text in weights or (text == "DEFAULT" and weights):
-        name = info["default_weights"] if text == "DEFAULT" else text
-        url = info["weights_urls"][name]
-        import torch
-
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
-        if cached.is_file() or host_resolves(urlparse(url).hostname or ""):
-            return
-        raise FileNotFoundError(
-            f"the {name} weights of {cfg.model!r} are not in the torch hub cache and "
-            f"{urlparse(url).hostname} does not resolve (no network?); copy {url} to {cached}, "
-            "or pass --pretrained PATH to a local state-dict file"
-        )
+        return "name"
     path = Path(text)
     suffixes = (".pt", ".pth", ".bin", ".ckpt")
     looks_like_path = os.sep in text or "/" in text or path.suffix in suffixes or path.exists()
@@ -437,6 +424,30 @@ def check_pretrained(cfg: TrainConfig) -> None:
             + "; pass the path of a state-dict file saved with torch.save(model.state_dict(), "
             "path)"
         )
+    return "file"
+
+
+def check_pretrained(cfg: TrainConfig) -> None:
+    """`pretrained` is a weights name that is available (hub cache, or its host resolves) or a
+    state-dict file that loads with weights_only=True and fits the architecture."""
+    if not cfg.pretrained:
+        return
+    info = models_table()["models"][cfg.model]
+    text = str(cfg.pretrained)
+    if _pretrained_kind(cfg) == "name":
+        name = info["default_weights"] if text == "DEFAULT" else text
+        url = info["weights_urls"][name]
+        import torch
+
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+        if cached.is_file() or host_resolves(urlparse(url).hostname or ""):
+            return
+        raise FileNotFoundError(
+            f"the {name} weights of {cfg.model!r} are not in the torch hub cache and "
+            f"{urlparse(url).hostname} does not resolve (no network?); copy {url} to {cached}, "
+            "or pass --pretrained PATH to a local state-dict file"
+        )
+    path = Path(text)
     import torch
 
     try:
@@ -512,9 +523,13 @@ def plan_training(
     node_rank: int | None = None,
     rdzv_endpoint: str | None = None,
     max_restarts: int = 0,
+    after_quick_checks: Callable[[], None] | None = None,
 ) -> tuple[TrainConfig, LaunchSpec]:
     """Resolve and validate the run's config and its torchrun launch (raises ValueError /
-    FileNotFoundError naming the bad value and the fix; nothing is written)."""
+    FileNotFoundError naming the bad value and the fix; nothing is written).
+    `after_quick_checks` runs between the torch-free checks and those that import torch: the
+    CLI starts Prefect's API server there, so its boot overlaps the slow imports while typos
+    still fail before any of it."""
     over = parse_overrides(overrides)
     memo_key = json.dumps(
         [model, dataset, data_dir, cache_dir, recipe, config_file, over, nproc_per_node, nnodes,
@@ -575,7 +590,11 @@ def plan_training(
             _check_batch(cfg, int(n * (1 - cfg.val_fraction)), f"{key} train", world)
         check_download(cfg.dataset, cfg.data_dir, cfg.cache_dir, download=cfg.download,
                        mirror=cfg.mirror)  # fmt: skip
-    # Stage 2: checks that need torch (validate's device/model part, weights, downloads).
+    if cfg.pretrained:
+        _pretrained_kind(cfg)  # a missing file or an unknown name: named before torch loads
+    if after_quick_checks is not None:
+        after_quick_checks()
+    # Stage 2: checks that need torch (validate's device/model part, weights).
     cfg.validate(nproc_per_node=nproc_per_node, nnodes=nnodes)
     check_pretrained(cfg)
     _MEMO[memo_key] = (copy.deepcopy(cfg), launch)
