@@ -178,16 +178,18 @@ def bench_libraries(folder: Path, work: Path, cap: int, limit: int) -> dict:
     split = shards.StoreSplit(str(lit / "train"), len(items), shards.read_index(lit / "train"))
     order = shards.chunk_window_permutation(split.chunk_sizes, torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
-    for i in order.tolist():
-        split[i]
+    for b in range(0, len(order), 256):  # as the loader reads: a batch at a time, sorted
+        for i in sorted(order[b : b + 256].tolist()):
+            split[i]
     out["litdata"]["read_samples_per_s"] = round(len(order) / (time.perf_counter() - t0), 1)
     from streaming import StreamingDataset as MDSDataset
 
     ds = MDSDataset(local=str(mds), shuffle=False, batch_size=1)
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
     t0 = time.perf_counter()
-    for i in perm:
-        ds[i]
+    for b in range(0, len(perm), 256):
+        for i in sorted(perm[b : b + 256]):
+            ds[i]
     out["mosaicml_streaming"]["read_samples_per_s"] = round(
         len(perm) / (time.perf_counter() - t0), 1
     )
