@@ -158,8 +158,13 @@ def decide(
 ) -> ChampionDecision:
     """The champion rule: first version wins; later ones must match the champion's data and
     beat its accuracy. The reason is stored as a version tag and shown by `cnnpipe train`."""
+    # True labels: an image folder without a test split is evaluated on its validation split.
+    split = str(identity_tags.get(SPLIT_TAG) or "test")
+    metric = f"{'val' if split.startswith('val') else 'test'}_accuracy"
     if current_version is None:
-        return ChampionDecision(True, f"first champion of {name}: test_accuracy {accuracy:.4f}")
+        return ChampionDecision(
+            True, f"first champion of {name}: {metric} {accuracy:.4f} (split {split})"
+        )
     if str(current_version) == str(version):
         return ChampionDecision(True, "already the champion")
     why = mismatch(identity_tags, current_tags or {})
@@ -172,10 +177,11 @@ def decide(
     cmp = "n/a" if current_accuracy is None else f"{current_accuracy:.4f}"
     if current_accuracy is None or accuracy > current_accuracy:
         return ChampionDecision(
-            True, f"test_accuracy {accuracy:.4f} beats champion v{current_version} ({cmp})"
+            True,
+            f"{metric} {accuracy:.4f} beats champion v{current_version} ({cmp}) on split {split}",
         )
     return ChampionDecision(
         False,
-        f"test_accuracy {accuracy:.4f} does not beat champion v{current_version} ({cmp}); "
-        "alias unchanged",
+        f"{metric} {accuracy:.4f} does not beat champion v{current_version} ({cmp}) on split "
+        f"{split}; alias unchanged",
     )

@@ -120,3 +120,17 @@ def test_a_champion_without_identity_is_not_replaced_blindly() -> None:
         current_version="1", current_tags={}, current_accuracy=0.1,
     )  # fmt: skip
     assert not decision.champion and "no data identity" in decision.reason
+
+
+def test_champion_reason_names_the_split_it_used() -> None:
+    """A folder without a test split is judged on val: the reason says val, not test."""
+    from tasks import registry
+
+    val = {registry.SPLIT_TAG: "val(fraction=0.1,seed=0)"}
+    none = dict(current_version=None, current_tags=None, current_accuracy=None)
+    first = registry.decide(name="m", version="1", accuracy=0.5, identity_tags=val, **none)
+    assert "val_accuracy 0.5000" in first.reason and "test_accuracy" not in first.reason
+    assert "split val(fraction=0.1,seed=0)" in first.reason
+    test = {registry.SPLIT_TAG: "test"}
+    first = registry.decide(name="m", version="1", accuracy=0.5, identity_tags=test, **none)
+    assert "test_accuracy 0.5000" in first.reason
