@@ -94,7 +94,7 @@ class TrainConfig:
     # that outgrow memory), "auto" (shards when the decoded images exceed the memory budget).
     storage: str = "auto"
     image_cap: int | None = None  # shards: shorter-side cap of stored JPEGs; None = 288
-    decoder: str = "pil"  # shards: pil (DCT-scaled) | torchvision | device (nvJPEG on CUDA)
+    decoder: str = "torchvision"  # shards: torchvision (decode_jpeg) | pil | device (nvJPEG)
     max_image_pixels: int = 89_478_485  # refuse larger images (from the header); Pillow's limit
     # --- optimisation
     epochs: int = 10

@@ -495,7 +495,7 @@ def build_loaders(
     normalize: tuple[Sequence[float], Sequence[float]] | None = None,
     resize_size: int | None = None,
     memory_budget: int | None = None,
-    decoder: str = "pil",
+    decoder: str = "torchvision",
     stream_cache_dir: str | None = None,
 ) -> Loaders:
     """Train/val/test loaders over a prepared cache (or shard store) for one rank.
