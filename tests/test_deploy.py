@@ -261,6 +261,7 @@ def test_deployments_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
                 "--dataset", "imagefolder",
                 "--data-dir", str(data),
                 "--epochs", "1",
+                "--batch-size", "8",  # the plan step refuses a batch above the 32-image split
                 "--register-as", MODEL_NAME,
                 "--tracking-uri", mlflow.url,
             ]  # fmt: skip
