@@ -226,7 +226,9 @@ def test_deployments_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
         wait_http_ok(mlflow, f"{mlflow.url}/health", timeout=120)
         timings["servers"] = time.monotonic() - t0
 
-        data = make_imagefolder(tmp_path / "imgs", n_train=16, n_val=8, size=32)
+        # 2 x 130 training images: the deployment's default global batch (256) must fit the
+        # split, which the plan step checks before anything is created.
+        data = make_imagefolder(tmp_path / "imgs", n_train=130, n_val=8, size=32)
         with (
             temporary_settings({PREFECT_API_URL: prefect.url}),
             get_client(sync_client=True) as client,
@@ -261,7 +263,6 @@ def test_deployments_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
                 "--dataset", "imagefolder",
                 "--data-dir", str(data),
                 "--epochs", "1",
-                "--batch-size", "8",  # the plan step refuses a batch above the 32-image split
                 "--register-as", MODEL_NAME,
                 "--tracking-uri", mlflow.url,
             ]  # fmt: skip
