@@ -296,7 +296,10 @@ def test_deployments_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
             assert nightly.parameters["data_dir"] == str(data.resolve())
             assert weekly.parameters["models"] == ["lenet5"]
             assert nightly.job_variables["env"]["MLFLOW_TRACKING_URI"] == mlflow.url
-            assert nightly.concurrency_limit == 1  # a late run queues behind the running one
+            # A late run queues behind the running one. The server keeps a limit given with a
+            # collision strategy as a global concurrency limit, so read it from there.
+            gcl = getattr(nightly, "global_concurrency_limit", None)
+            assert (nightly.concurrency_limit or (gcl.limit if gcl else None)) == 1
             assert {"model:lenet5", "dataset:imagefolder"} <= set(nightly.tags)
 
             # The worker starts now (the pool exists) and warms up during the re-deploy below.
