@@ -734,16 +734,18 @@ def _prepare_shards(
         # the loader's chunk-window shuffle mixes only ~8 chunks at a time, so class-sorted
         # chunks would make class-correlated batches (webdataset shuffles shards likewise).
         g = torch.Generator().manual_seed(params["seed"])
-        items = {k: [v[i] for i in torch.randperm(len(v), generator=g).tolist()]
-                 for k, v in items.items()}  # fmt: skip
+        tables = {k: shards.PathTable([v[i] for i in torch.randperm(len(v), generator=g).tolist()])
+                  for k, v in items.items()}  # fmt: skip
+        del items  # the packed tables are all prepare holds per image from here on
         all_bad: list[tuple[str, str]] = []
         counts: dict[str, int] = {}
         labels: dict[str, torch.Tensor] = {}
         for split in ("train", "val", "test"):
-            if split not in items:
+            if split not in tables:
                 continue
+            table = tables[split]
             bad = shards.write_split(
-                items[split],
+                table,
                 tmp / split,
                 cap=params["image_cap"],
                 quality=params["quality"],
@@ -752,8 +754,11 @@ def _prepare_shards(
                 label=split,
             )
             all_bad.extend(bad)
-            bad_paths = {p for p, _ in bad}
-            labels[split] = torch.tensor([lab for p, lab in items[split] if p not in bad_paths])
+            keep = np.ones(len(table), dtype=bool)
+            if bad:
+                bad_paths = {p for p, _ in bad}
+                keep = np.array([table[i][0] not in bad_paths for i in range(len(table))])
+            labels[split] = torch.from_numpy(table.labels[keep])
             counts[split] = len(labels[split])
             # Store order is input order (keep_data_ordered: one contiguous slice per worker).
             np.save(tmp / split / shards.LABELS_FILE, labels[split].numpy().astype(np.int32))
@@ -780,11 +785,11 @@ def _prepare_shards(
             cache_hit=False,
             seconds=0.0,
             skipped_bad_images=len(all_bad),
-            decoded_images=sum(len(v) for v in items.values()),
+            decoded_images=sum(len(t) for t in tables.values()),
             params={"key": key, **params},
             storage="shards",
         )
-        stored = [k for k in ("train", "val", "test") if k in items]
+        stored = [k for k in ("train", "val", "test") if k in tables]
         meta = {
             "format": shards.STORE_FORMAT,
             "storage": "shards",

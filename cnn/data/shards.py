@@ -70,20 +70,52 @@ def _join(base: str | Path, *parts: str) -> str:
 _progress: Any = None  # a shared counter inherited by forked optimize workers
 
 
-def _encode_item(item: tuple[str, int], *, cap: int, quality: int, max_pixels: int, bad_dir: str):
-    """LitData ``optimize`` fn: one (path, label) -> zero or one sample; bad files are logged."""
-    path, label = item
-    try:
-        data, _, _ = encode_capped(path, cap, quality, max_pixels)
-    except Exception as exc:  # reported by path after the split is written, never swallowed
-        with open(os.path.join(bad_dir, f"{os.getpid()}.tsv"), "a") as f:
-            f.write(f"{path}\t{type(exc).__name__}: {exc}\n".replace("\n", " ").strip() + "\n")
-        data = None
-    if _progress is not None:
-        with _progress.get_lock():
-            _progress.value += 1
-    if data is not None:
-        yield {"image": data, "label": int(label)}
+class PathTable:
+    """File paths and labels packed into two numpy buffers (``table[i] -> (path, label)``).
+
+    Why not a list of tuples: LitData's forked workers inherit the input list, and every access
+    to a Python object writes its reference count, so each worker ends up with its own copy of
+    every path object (~1-2 KB per image across workers and queues, measured with
+    ``benchmarks/bench_store.py``); numpy buffers are read, never written, and stay shared.
+    """
+
+    def __init__(self, items: Sequence[tuple[str, int]]) -> None:
+        encoded = [os.fsencode(p) for p, _ in items]
+        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=self.offsets[1:])
+        self.blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self.labels = np.fromiter((lab for _, lab in items), dtype=np.int64, count=len(items))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[str, int]:
+        path = self.blob[self.offsets[i] : self.offsets[i + 1]].tobytes()
+        return os.fsdecode(path), int(self.labels[i])
+
+
+_BLOCK = 256  # images per optimize input: inputs are index ranges, not one object per image
+
+
+def _encode_block(
+    block: tuple[int, int], *, table: PathTable, cap: int, quality: int, max_pixels: int,
+    bad_dir: str,
+):  # fmt: skip
+    """LitData ``optimize`` fn: images ``start..stop`` of ``table`` -> samples, in order; bad
+    files are logged to ``bad_dir`` and reported by path once the split is written."""
+    for i in range(*block):
+        path, label = table[i]
+        try:
+            data, _, _ = encode_capped(path, cap, quality, max_pixels)
+        except Exception as exc:  # reported by path after the split is written, never swallowed
+            with open(os.path.join(bad_dir, f"{os.getpid()}.tsv"), "a") as f:
+                f.write(f"{path}\t{type(exc).__name__}: {exc}\n".replace("\n", " ").strip() + "\n")
+            data = None
+        if _progress is not None:
+            with _progress.get_lock():
+                _progress.value += 1
+        if data is not None:
+            yield {"image": data, "label": label}
 
 
 class _Progress:
@@ -120,7 +152,7 @@ class _Progress:
 
 
 def write_split(
-    items: Sequence[tuple[str, int]],
+    items: PathTable | Sequence[tuple[str, int]],
     out_dir: Path,
     *,
     cap: int,
@@ -139,16 +171,20 @@ def write_split(
 
     _preimport_chunk_writer()
 
-    workers = max(1, min(workers or os.cpu_count() or 1, len(items)))
+    blocks_n = -(-len(items) // _BLOCK)
+    workers = max(1, min(workers or os.cpu_count() or 1, blocks_n))
     bad_dir = Path(tempfile.mkdtemp(prefix=".bad-", dir=out_dir.parent))
     try:
+        table = items if isinstance(items, PathTable) else PathTable(items)
         fn = functools.partial(
-            _encode_item, cap=cap, quality=quality, max_pixels=max_pixels, bad_dir=str(bad_dir)
-        )
-        with _Progress(label, len(items)):
+            _encode_block, table=table, cap=cap, quality=quality, max_pixels=max_pixels,
+            bad_dir=str(bad_dir),
+        )  # fmt: skip
+        blocks = [(i, min(i + _BLOCK, len(table))) for i in range(0, len(table), _BLOCK)]
+        with _Progress(label, len(table)):
             optimize(
                 fn=fn,
-                inputs=list(items),
+                inputs=blocks,
                 output_dir=str(out_dir),
                 chunk_bytes=CHUNK_BYTES,
                 num_workers=workers,
