@@ -101,6 +101,12 @@ class Tracker:
         if monitor is not None:  # at exit: a failure here must not fail the finished job
             with contextlib.suppress(Exception):
                 monitor.finish()
+                # MLflow's monitor logs only after a full sampling interval, so a job (or a
+                # resumed attempt) shorter than that would show no system metrics at all; one
+                # closing sample makes every attempt visible in the run's charts.
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
         if self.failures:
             print(self.failure_report(), flush=True)
             self.failures = []

@@ -13,9 +13,8 @@ from servers import start_mlflow_server, stopping, wait_http_ok
 
 from cnn.tracking import Tracker
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_server_gone_mid_training_is_reported_and_reattachable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -57,3 +56,23 @@ def test_server_gone_mid_training_is_reported_and_reattachable(
         assert sorted(m.step for m in history) == [1, 2, 3]
         params = mlflow.MlflowClient(server.url).get_run(run_id).data.params
         assert params == {"model": "lenet5", "lr": "0.1"}  # no "None" noise
+
+
+def test_a_job_shorter_than_the_sampling_interval_still_records_system_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow's monitor logs only after a full interval (5 s here); the closing sample makes a
+    short job, or a short resumed attempt, visible in the run's system charts."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
+    monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = mlflow.MlflowClient(uri)
+    run_id = c.create_run(c.create_experiment("short")).info.run_id
+    tracker = Tracker(run_id, uri)
+    tracker.log_metrics({"val_accuracy": 0.5}, step=1)
+    tracker.close()  # well inside the first interval
+    metrics = c.get_run(run_id).data.metrics
+    assert any(k.startswith("system/cpu_utilization") for k in metrics), metrics
+    assert metrics["val_accuracy"] == 0.5
