@@ -18,11 +18,13 @@ import shutil
 import signal
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from .atomic import atomic_write
 
 FORMAT = 1
 CKPT_SUFFIX = ".pt"
@@ -83,26 +85,14 @@ def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> 
 # -------------------------------------------------------------------- atomic write
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make the rename itself durable (POSIX: the directory entry lives in the directory)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _maybe_kill_mid_write(tmp: Path) -> None:
+def _maybe_kill_mid_write(f: IO[bytes]) -> None:
     """Test hook: cut the temp file in half and die, as a power cut during the write would."""
     target = os.environ.get(_KILL_IN_SAVE_ENV)
     if not target or int(target) != _saves_in_process:
         return
-    size = tmp.stat().st_size
-    with open(tmp, "r+b") as f:
-        f.truncate(size // 2)
+    f.flush()
+    f.truncate(f.tell() // 2)
+    f.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -112,38 +102,18 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     A crash at any point leaves either the old file or the new one, never a partial file."""
     global _saves_in_process
     _saves_in_process += 1
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            _maybe_kill_mid_write(tmp)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-    return path
+
+    def write(f: IO[bytes]) -> None:
+        torch.save(state, f)
+        _maybe_kill_mid_write(f)
+
+    return atomic_write(path, write)
 
 
 def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
     """Atomically copy a finished checkpoint (best.pt from last.pt without re-serialising)."""
-    src, dst = Path(src), Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, length=16 << 20)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(dst.parent)
-    return dst
+    with open(src, "rb") as fin:
+        return atomic_write(dst, lambda fout: shutil.copyfileobj(fin, fout, length=16 << 20))
 
 
 # -------------------------------------------------------------------- load / discover

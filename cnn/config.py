@@ -17,7 +17,6 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import os
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .atomic import atomic_write
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
@@ -161,14 +162,9 @@ class TrainConfig:
 
     def to_yaml(self, path: str | Path) -> Path:
         """Write the full resolved config (every field), so a run is reproducible from it."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         text = "# Resolved TrainConfig (cnn/config.py); config_hash=" + self.config_hash() + "\n"
         text += yaml.safe_dump(self.to_dict(), sort_keys=False)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-        return path
+        return atomic_write(path, text)
 
     def data_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `cnn.data.prepare_dataset` for this run. The Prefect prepare

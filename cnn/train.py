@@ -27,6 +27,7 @@ from torch.optim import lr_scheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cnn import dist as D
+from cnn.atomic import atomic_write_json
 from cnn.checkpoint import (
     copy_checkpoint,
     find_resume_checkpoint,
@@ -216,12 +217,6 @@ class Progress:
             f"{ips:.0f} img/s loss {loss:.4f} lr {lr:.4g} "
             f"eta epoch {_fmt_time(eta_epoch)} run {_fmt_time(eta_run)}"
         )
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
 
 
 def _prepare_data(cfg: TrainConfig, info: D.DistInfo) -> Any:
@@ -632,7 +627,7 @@ def _run(cfg: TrainConfig, info: D.DistInfo, t_start: float) -> dict[str, Any]:
         ),
     }
     if is_main:
-        _write_json(Path(cfg.output_dir) / "result.json", result)
+        atomic_write_json(Path(cfg.output_dir) / "result.json", result)
         tracker.log_metrics(
             {"test_accuracy": test.accuracy, "test_top5": test.top5, "test_loss": test.loss,
              "best_val_accuracy": meta["best_val_accuracy"]},

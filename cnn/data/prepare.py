@@ -27,6 +27,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
+from ..atomic import atomic_write_json, fsync_dir
 from . import shards
 from .images import MAX_IMAGE_PIXELS, decode_file
 from .sources import (
@@ -361,17 +362,6 @@ def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[tuple[float,
 # --------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _staging_dir(final: Path) -> Path:
     """A fresh temporary directory next to ``final``; stale ones of dead prepares are removed.
 
@@ -392,7 +382,7 @@ def _staging_dir(final: Path) -> Path:
 
 def _publish(tmp: Path, final: Path) -> None:
     """fsync ``tmp`` and rename it to ``final``; a concurrent writer's identical copy wins."""
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     try:
         os.replace(tmp, final)
     except OSError:
@@ -400,14 +390,7 @@ def _publish(tmp: Path, final: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
             return
         raise
-    _fsync_dir(final.parent)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    fsync_dir(final.parent)
 
 
 def _write_cache(final: Path, splits: dict[str, RawSplit], meta: dict) -> None:
@@ -420,7 +403,7 @@ def _write_cache(final: Path, splits: dict[str, RawSplit], meta: dict) -> None:
                 torch.save({"images": s.images.contiguous(), "labels": s.labels}, f)
                 f.flush()
                 os.fsync(f.fileno())
-        _write_json(tmp / "meta.json", meta)
+        atomic_write_json(tmp / "meta.json", meta, indent=1)
         _publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -796,7 +779,7 @@ def _prepare_shards(
             "stored_splits": stored,
             "info": info.to_dict(),
         }
-        _write_json(tmp / "meta.json", meta)
+        atomic_write_json(tmp / "meta.json", meta, indent=1)
         if remote:
             shards.upload_store(tmp, final)
             shutil.rmtree(tmp, ignore_errors=True)

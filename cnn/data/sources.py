@@ -24,11 +24,14 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
 import torchvision.datasets as tvd
 from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from ..atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -130,26 +133,22 @@ def resolve_urls(file: RemoteFile, mirror: str | None = None) -> tuple[str, ...]
 
 
 def _fetch(url: str, dest: Path, timeout: float) -> None:
-    """Stream ``url`` to ``dest`` via a ``.part`` file; a short body raises, leaving nothing."""
-    tmp = dest.with_name(dest.name + ".part")
+    """Stream ``url`` to ``dest`` atomically; a short body raises, leaving nothing."""
     req = urllib.request.Request(url, headers={"User-Agent": "cnnpipe"})
-    try:
-        # A fresh opener per request reads the proxy settings as they are now; the module-level
-        # urlopen() freezes them at its first call in the process.
-        opener = urllib.request.build_opener()
-        with opener.open(req, timeout=timeout) as resp, open(tmp, "wb") as out:
+    # A fresh opener per request reads the proxy settings as they are now; the module-level
+    # urlopen() freezes them at its first call in the process.
+    opener = urllib.request.build_opener()
+    with opener.open(req, timeout=timeout) as resp:
+
+        def write(out: IO[bytes]) -> None:
             expected = resp.headers.get("Content-Length")
             shutil.copyfileobj(resp, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-            got = out.tell()
-        if expected is not None and got != int(expected):
-            raise urllib.error.ContentTooShortError(
-                f"got {got} of {expected} bytes from {url}", None
-            )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+            if expected is not None and out.tell() != int(expected):
+                raise urllib.error.ContentTooShortError(
+                    f"got {out.tell()} of {expected} bytes from {url}", None
+                )
+
+        atomic_write(dest, write)
 
 
 def download_file(
