@@ -1,13 +1,18 @@
 """Crash-safe checkpoints: atomic writes, `weights_only=True` loads, resume-point discovery.
 
-A checkpoint is a plain dict of tensors and primitive containers only (RNG states as tensors, the
-config as a dict), so `torch.load(weights_only=True)` can read it without unpickling code:
+A checkpoint is `{name: obj.state_dict()}` for each stateful object of the run (as torchtitan's
+checkpointer keeps it), plus the config, its hash and `meta`, in plain tensors and primitive
+containers only (RNG states as tensors, the config as a dict), so `torch.load(weights_only=True)`
+reads it without unpickling code. The engine's layout (`FORMAT` 2):
 
-    format, model, optimizer, scheduler, scaler, ema, epoch, step, batch, rng, config,
-    config_hash, meta
+    format, config, config_hash, meta,
+    model, optimizer, scheduler, scaler, [ema], train_state, rng
 
-`epoch`/`batch` are the position to continue from (the next epoch index and the number of
-micro-batches of it already done); `step` is the global optimizer step.
+`train_state` is `cnn.train.TrainState.state_dict()`: `epoch`/`batch` are the position to continue
+from (the next epoch index and the number of micro-batches of it already done), `step` the global
+optimizer step, plus best/history/timings and the partial epoch sums. `rng` holds every rank's
+RNG streams. `meta` is what rebuilding the model alone needs (classes, sizes, mean/std, data
+config). Adding resumable state means adding an object to the `Checkpointer`, nothing else.
 """
 
 from __future__ import annotations
@@ -17,16 +22,18 @@ import random
 import shutil
 import signal
 import warnings
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
+from . import dist as D
 from .atomic import atomic_write
 
-FORMAT = 1
+FORMAT = 2  # 1: flat epoch/step/batch/meta (before TrainState); not resumable by this engine
 CKPT_SUFFIX = ".pt"
 # Test hook (see tests/test_torchrun.py): SIGKILL this process in the middle of its N-th
 # checkpoint write, to prove a partial file never replaces the previous checkpoint.
@@ -82,6 +89,28 @@ def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> 
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
+class RankRNG:
+    """Every rank's RNG streams as one checkpoint entry (a list, one state per rank).
+
+    `state_dict()` gathers them, a collective: every rank calls it. `load_state_dict` restores
+    this rank's streams, or calls `reseed()` when the world size changed (the saved streams then
+    do not map onto the ranks; fresh per-rank streams are still reproducible)."""
+
+    def __init__(
+        self, device: torch.device, rank: int, world_size: int, reseed: Callable[[], None]
+    ) -> None:
+        self.device, self.rank, self.world_size, self.reseed = device, rank, world_size, reseed
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return D.all_gather_object(rng_state(self.device))
+
+    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
+        if len(states) == self.world_size:
+            set_rng_state(states[self.rank], self.device)
+        else:
+            self.reseed()
+
+
 # -------------------------------------------------------------------- atomic write
 
 
@@ -135,11 +164,88 @@ def load_checkpoint(
     return state
 
 
+def check_layout(
+    state: Mapping[str, Any], path: str | Path, names: Iterable[str] = ("train_state",)
+) -> None:
+    """Refuse, with the fix, a checkpoint whose layout this engine does not write (an older
+    engine's, or one missing an entry this run restores), instead of failing on a missing key."""
+    missing = [name for name in names if name not in state]
+    if state.get("format") == FORMAT and not missing:
+        return
+    found = state.get("format", "none")
+    what = f"; it lacks {', '.join(map(repr, missing))}" if missing else ""
+    raise ValueError(
+        f"checkpoint {path} has layout format {found}, but this engine resumes format {FORMAT}"
+        f"{what}. Train into a new output_dir, or remove {Path(path).parent} to start over "
+        "(load_model_from_checkpoint still reads its weights)"
+    )
+
+
+class Stateful(Protocol):
+    """What a checkpoint entry is: torch modules, optimizers, schedulers, scalers, TrainState."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any, /) -> Any: ...
+
+
+class Checkpointer:
+    """A run's `last.pt` and `best.pt`: `{name: obj.state_dict()}` of `objects`, plus the config,
+    its hash and `meta`. `save` is called on every rank (some entries, such as `RankRNG`, gather
+    across ranks); only the main rank writes. `load` restores the objects in `objects`' order,
+    so put an entry that another one's restore reads (TrainState before RankRNG) first."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        objects: Mapping[str, Stateful],
+        *,
+        config: dict[str, Any],
+        config_hash: str,
+        meta: dict[str, Any],
+        is_main: bool,
+    ) -> None:
+        self.directory = Path(directory)
+        self.last, self.best = self.directory / "last.pt", self.directory / "best.pt"
+        self.objects = dict(objects)
+        self.config, self.config_hash, self.meta = config, config_hash, meta
+        self.is_main = is_main
+
+    def save(self, best: bool = False) -> None:
+        """Write last.pt atomically (and copy it to best.pt when `best`)."""
+        states = {name: obj.state_dict() for name, obj in self.objects.items()}  # every rank
+        if not self.is_main:
+            return
+        state = {"format": FORMAT, "config": self.config, "config_hash": self.config_hash,
+                 "meta": self.meta, **states}  # fmt: skip
+        save_checkpoint(state, self.last)
+        if best:
+            copy_checkpoint(self.last, self.best)
+
+    def load(self, path: str | Path) -> dict[str, Any]:
+        """Restore every object from `path` (on CPU; load_state_dict copies to the device)."""
+        state = load_checkpoint(path)
+        check_layout(state, path, self.objects)
+        if state["config_hash"] != self.config_hash:
+            raise ValueError(_mismatch(path, state["config_hash"], self.config_hash))
+        for name, obj in self.objects.items():
+            obj.load_state_dict(state[name])
+        return state
+
+
+def _mismatch(path: str | Path, theirs: str, ours: str) -> str:
+    return (
+        f"checkpoint {path} was written with config_hash {theirs} but this run's config_hash is "
+        f"{ours}; resume with the same config (see {Path(path).parent.parent / 'run.yaml'}) or "
+        "use a new output_dir for the new config"
+    )
+
+
 def find_resume_checkpoint(ckpt_dir: str | Path, config_hash: str) -> Path | None:
     """The newest valid checkpoint in `ckpt_dir` (by global step; last.pt wins ties), or None.
 
-    Unreadable files are skipped with a warning. A valid checkpoint from a different config is
-    refused: mixing two configs in one run would silently corrupt it."""
+    Unreadable files are skipped with a warning. A valid checkpoint from a different config or
+    of another layout is refused: mixing two configs in one run would silently corrupt it."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return None
@@ -150,13 +256,10 @@ def find_resume_checkpoint(ckpt_dir: str | Path, config_hash: str) -> Path | Non
         except ValueError as exc:
             warnings.warn(f"skipping checkpoint: {exc}", stacklevel=2)
             continue
+        check_layout(state, path)
         if state["config_hash"] != config_hash:
-            raise ValueError(
-                f"checkpoint {path} was written with config_hash {state['config_hash']} but "
-                f"this run's config_hash is {config_hash}; resume with the same config (see "
-                f"{ckpt_dir.parent / 'run.yaml'}) or use a new output_dir for the new config"
-            )
-        key = (int(state["step"]), int(path.name == "last.pt"), path)
+            raise ValueError(_mismatch(path, state["config_hash"], config_hash))
+        key = (int(state["train_state"]["step"]), int(path.name == "last.pt"), path)
         if best is None or key[:2] > best[:2]:
             best = key
     return None if best is None else best[2]

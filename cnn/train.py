@@ -1,23 +1,26 @@
 """The training engine: `python -m cnn.train --config run.yaml [key=value ...]`, or under
 `torchrun [...] -m cnn.train --config run.yaml`.
 
-One readable loop in the style of nanoGPT's train.py: set up (distributed, data, model,
-optimizer, resume), then epochs of steps, with one `is_main` flag gating every side effect
-(printing, files, MLflow). Imports only torch/torchvision/numpy/PIL/yaml; MLflow is reached
-lazily through cnn.tracking.
+One readable loop in the style of nanoGPT's train.py and torchvision's reference scripts: `_run`
+sets up (distributed, data, model, optimizer, resume), then runs epochs of `train_one_epoch` and
+`evaluate`, with one `is_main` flag gating every side effect (printing, files, MLflow).
+
+Where training stands is one `TrainState`; a checkpoint is the `state_dict()` of it and of the
+model, optimizer, scheduler, scaler, EMA and per-rank RNGs (`cnn.checkpoint.Checkpointer`). Tests
+inject faults through `cnn.callbacks` hooks, never through code in the loop. Imports only
+torch/torchvision/numpy/PIL/yaml; MLflow is reached lazily through cnn.tracking.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -28,13 +31,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cnn import dist as D
 from cnn.atomic import atomic_write_json
+from cnn.callbacks import Callbacks, FaultInjection
 from cnn.checkpoint import (
-    copy_checkpoint,
+    Checkpointer,
+    RankRNG,
     find_resume_checkpoint,
     load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
     unwrap_model,
 )
 from cnn.config import TrainConfig, parse_overrides
@@ -109,42 +111,6 @@ def seed_everything(seed: int) -> None:
     import random
 
     random.seed(seed)
-
-
-def _test_hooks() -> dict[str, Any]:
-    """TEST HOOKS ONLY (used by tests/test_torchrun*.py): fault injection from env vars.
-    CNNPIPE_TEST_KILL_AT_STEP=S kills rank CNNPIPE_TEST_KILL_RANK (default 1) with SIGKILL after
-    optimizer step S, on the first torchrun attempt only; CNNPIPE_TEST_NAN_AT_STEP=S makes the
-    loss of step S NaN; CNNPIPE_TEST_TRACE_SAMPLES=DIR records the sample indices of every
-    training batch per rank (to count samples across a kill and resume).
-    (CNNPIPE_TEST_KILL_IN_SAVE lives in cnn/checkpoint.py.)"""
-
-    def get(name: str) -> int | None:
-        value = os.environ.get(name)
-        return int(value) if value else None
-
-    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    return {
-        "kill_step": get("CNNPIPE_TEST_KILL_AT_STEP") if first_attempt else None,
-        "kill_rank": 1 if get("CNNPIPE_TEST_KILL_RANK") is None else get("CNNPIPE_TEST_KILL_RANK"),
-        "nan_step": get("CNNPIPE_TEST_NAN_AT_STEP"),
-        "trace_samples": os.environ.get("CNNPIPE_TEST_TRACE_SAMPLES") or None,
-    }
-
-
-def _install_sample_trace(loader: Any, directory: str, rank: int) -> None:
-    """TEST HOOK ONLY: append ``{attempt, epoch, batch, indices}`` per training batch to
-    ``DIR/rank<r>.jsonl``, outside the training loop (the loader calls it as it yields)."""
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    path = Path(directory) / f"rank{rank}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def trace(i: int, idx: torch.Tensor) -> None:
-        rec = {"attempt": attempt, "epoch": loader.plan.epoch, "batch": i, "idx": idx.tolist()}
-        with open(path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-
-    loader.trace = trace
 
 
 def _cpu_has_native_bf16() -> bool:
@@ -235,12 +201,202 @@ def _prepare_data(cfg: TrainConfig, info: D.DistInfo) -> Any:
     return prepared
 
 
+# ------------------------------------------------------------------------- training state
+
+
+@dataclass
+class EpochSums:
+    """Exact train metrics of an epoch so far, summed over all ranks."""
+
+    loss: float = 0.0  # sum of per-sample losses
+    correct: int = 0
+    seen: int = 0
+
+    def __add__(self, other: EpochSums) -> EpochSums:
+        return EpochSums(
+            self.loss + other.loss, self.correct + other.correct, self.seen + other.seen
+        )
+
+
+@dataclass
+class TrainState:
+    """Where training stands, as one resumable object (the checkpoint's `train_state` entry,
+    beside the model, optimizer, scheduler, scaler and EMA). A new piece of resumable state is a
+    new field here: `state_dict`/`load_state_dict` cover every field, and an older checkpoint
+    without it loads with the field's default."""
+
+    epoch: int = 0  # the next epoch to run (= epochs completed)
+    step: int = 0  # global optimizer steps done
+    batch: int = 0  # micro-batches of `epoch` already done (a mid-epoch resume point)
+    best_val_accuracy: float = -1.0
+    best_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per epoch
+    train_seconds: float = 0.0  # cumulative, training steps only (no evaluation, no saving)
+    train_images: int = 0
+    partial: EpochSums = field(default_factory=EpochSums)  # epoch sums up to `batch`
+    # Wall time of the epochs this process ran (ETA of the epoch line only): not resumed.
+    epoch_seconds: list[float] = field(default_factory=list, metadata={"resume": False})
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain ints, floats, lists and dicts (weights_only-safe)."""
+        out = {
+            f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("resume", True)
+        }
+        out["partial"] = [self.partial.loss, self.partial.correct, self.partial.seen]
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for f in fields(self):
+            if f.name in state and f.metadata.get("resume", True):
+                setattr(self, f.name, state[f.name])
+        self.partial = EpochSums(*state.get("partial", (0.0, 0, 0)))
+
+    def end_epoch(
+        self, sums: EpochSums, val: EvalResult, *, lr: float, images_per_s: float, elapsed_s: float
+    ) -> tuple[dict[str, Any], bool]:
+        """Close an epoch: advance the position, record best and history -> (row, is_best)."""
+        self.epoch, self.batch, self.partial = self.epoch + 1, 0, EpochSums()
+        is_best = val.accuracy > self.best_val_accuracy
+        if is_best:
+            self.best_val_accuracy, self.best_epoch = val.accuracy, self.epoch
+        row = {
+            "epoch": self.epoch,
+            "train_loss": sums.loss / max(sums.seen, 1),
+            "train_accuracy": sums.correct / max(sums.seen, 1),
+            "val_loss": val.loss,
+            "val_accuracy": val.accuracy,
+            "lr": lr,
+            "images_per_s": images_per_s,
+            "elapsed_s": elapsed_s,
+            "train_seconds": self.train_seconds,  # cumulative, training steps only
+        }
+        self.history = [*self.history, row]
+        return row, is_best
+
+
+# ------------------------------------------------------------------------- what the loop uses
+
+
+@dataclass
+class Data:
+    """The prepared dataset, its loaders and the data decisions, plus the checkpoint's `meta`
+    (what rebuilding the model alone needs)."""
+
+    prepared: Any
+    loaders: Any
+    config: Any  # cnn.data.resolve.DataConfig
+    num_classes: int
+    classes: list[str]
+    steps_per_epoch: int
+    meta: dict[str, Any]
+
+
+@dataclass
+class Engine:
+    """The objects a training step touches, built once per run."""
+
+    cfg: TrainConfig
+    info: D.DistInfo
+    raw: nn.Module  # the plain module: what the optimizer steps and the checkpoint holds
+    ema: AveragedModel | None
+    optimizer: torch.optim.Optimizer
+    scheduler: lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    amp_dtype: torch.dtype | None
+    model: nn.Module = field(init=False)  # what trains: compiled and/or DDP-wrapped (`wrap`)
+    eval_model: nn.Module = field(init=False)  # compiled, never DDP: eval shards are unequal
+
+    def stateful(self) -> dict[str, Any]:
+        """The checkpoint entries this engine owns."""
+        objects: dict[str, Any] = {"model": unwrap_model(self.raw), "optimizer": self.optimizer,
+                                   "scheduler": self.scheduler, "scaler": self.scaler}  # fmt: skip
+        if self.ema is not None:
+            objects["ema"] = self.ema
+        return objects
+
+    def wrap(self) -> None:
+        """Compile before wrapping in DDP, as the engine's contract says (after any resume)."""
+        self.model = torch.compile(self.raw) if self.cfg.compile else self.raw
+        self.eval_model = self.model
+        if self.info.world_size > 1:
+            device = self.info.device
+            ids = [device.index] if device.type == "cuda" else None
+            self.model = DDP(self.model, device_ids=ids)
+
+    def autocast(self) -> Any:
+        return (
+            torch.autocast(self.info.device.type, dtype=self.amp_dtype)
+            if self.amp_dtype is not None
+            else nullcontext()
+        )
+
+    def optimizer_step(self) -> None:
+        """Clip, step (through the scaler), zero the grads, advance the schedule and the EMA."""
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.raw)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def evaluate(self, loader: Any, num_classes: int, model: nn.Module | None = None) -> EvalResult:
+        """Exact evaluation of `model`, by default the one reported (the EMA when there is one)."""
+        if model is None:
+            model = self.ema.module if self.ema is not None else self.eval_model
+        return evaluate(
+            model,
+            loader,
+            num_classes,
+            device=self.info.device,
+            autocast_dtype=self.amp_dtype,
+            channels_last=self.cfg.channels_last,
+        )
+
+
+class NonFiniteGuard:
+    """All ranks agree on the first non-finite loss and stop before anything is saved.
+
+    Checking means a GPU sync or an all-reduce; every 25 steps costs nothing measurable, and the
+    error still names the first bad step because `first_bad` records it on the device."""
+
+    BIG = 2**62
+
+    def __init__(self, info: D.DistInfo, steps_per_epoch: int, last_path: Path) -> None:
+        self.first_bad = torch.zeros((), dtype=torch.int64, device=info.device)  # BIG - step
+        self.every = 1 if info.device.type == "cpu" and info.world_size == 1 else 25
+        self.steps_per_epoch, self.last_path = steps_per_epoch, last_path
+
+    def record(self, step_loss: torch.Tensor, step: int) -> None:
+        """On the device, no sync: remember `step` if it is the first non-finite one."""
+        bad = (self.first_bad == 0) & ~torch.isfinite(step_loss)
+        self.first_bad.copy_(torch.where(bad, self.BIG - step, self.first_bad))
+
+    def check(self) -> None:
+        worst = int(D.all_reduce_max(self.first_bad.clone()))
+        if worst:
+            bad_step = self.BIG - worst
+            last = self.last_path if self.last_path.exists() else "none yet"
+            raise FloatingPointError(
+                f"non-finite loss (nan/inf) at epoch {bad_step // self.steps_per_epoch + 1} step "
+                f"{bad_step} (global optimizer step); stopped without saving, the last good "
+                f"checkpoint ({last}) is kept. Lower lr, set grad_clip, or use precision=fp32"
+            )
+
+
 # ------------------------------------------------------------------------- the engine
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
+def train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> dict[str, Any]:
     """Train per `cfg` in this process (one rank of a torchrun job, or alone); return the
-    result dict (also written to output_dir/result.json by the main rank)."""
+    result dict (also written to output_dir/result.json by the main rank). `callbacks` are the
+    loop's hooks (tests inject faults through them)."""
     t_start = time.perf_counter()
     _, _, world, local_world = D.env_world()
     cfg.validate(nproc_per_node=local_world, nnodes=max(1, world // local_world))
@@ -253,38 +409,184 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmuls on Ampere+
     info = D.init_distributed(cfg.device, cfg.num_threads)
     try:
-        return _run(cfg, info, t_start)
+        return _run(cfg, info, t_start, callbacks or Callbacks())
     finally:
         D.cleanup()
 
 
-def _run(cfg: TrainConfig, info: D.DistInfo, t_start: float) -> dict[str, Any]:
-    from cnn.data import build_loaders
-    from cnn.data.resolve import resolve_data_config
-    from cnn.models import get_model, main_logits, model_info, training_loss
-
-    log = print if info.is_main else (lambda *a, **k: None)
-    device, is_main = info.device, info.is_main
-    out_dir = Path(cfg.output_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
-    cfg_hash = cfg.config_hash()
-    hooks = _test_hooks()
-
-    # ---- resume point (rank 0 decides; a config mismatch is refused before anything is written)
-    resume_path = find_resume_checkpoint(ckpt_dir, cfg_hash) if is_main else None
-    resume_path = D.broadcast_object(resume_path)
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        cfg.to_yaml(out_dir / "run.yaml")
+def _run(
+    cfg: TrainConfig, info: D.DistInfo, t_start: float, callbacks: Callbacks
+) -> dict[str, Any]:
+    """Set up, resume, run epochs of `train_one_epoch` + `evaluate`, test the best checkpoint."""
+    log = print if info.is_main else _quiet
+    ckpt_dir, cfg_hash = Path(cfg.output_dir) / "checkpoints", cfg.config_hash()
+    resume_path = _resume_point(cfg, info, ckpt_dir, cfg_hash)
     log(
         f"cnn.train: {cfg.model} on {cfg.dataset}, world {info.world_size} "
-        f"({info.local_world_size}/node), device {device}, threads/rank "
+        f"({info.local_world_size}/node), device {info.device}, threads/rank "
         f"{torch.get_num_threads()}, config_hash {cfg_hash}",
         flush=True,
     )
+    data = _build_data(cfg, info)
+    callbacks.on_train_start(data.loaders.train, info.rank)
+    eng = _build_engine(cfg, info, data, log)
+    state = TrainState()
+    ckpt = Checkpointer(
+        ckpt_dir,
+        {**eng.stateful(), "train_state": state,  # before rng: its reseed reads state.step
+         "rng": RankRNG(info.device, info.rank, info.world_size,
+                        lambda: seed_everything(cfg.seed + info.rank + 1000 * state.step))},
+        config=cfg.to_dict(), config_hash=cfg_hash, meta=data.meta, is_main=info.is_main,
+    )  # fmt: skip
+    if resume_path is not None:
+        ckpt.load(resume_path)
+        log(f"resumed from {resume_path} at epoch {state.epoch} step {state.step}", flush=True)
+    eng.wrap()
+    tracker = Tracker(cfg.mlflow_run_id, cfg.mlflow_tracking_uri, info.is_main)
+    tracker.log_params(cfg.to_dict())
+    for row in state.history:  # idempotent: fills in anything a crash kept from being logged
+        tracker.log_metrics(_epoch_metrics(row), step=row["epoch"])
 
-    # ---- data
+    progress = Progress(
+        every_s=cfg.progress_seconds,
+        log_interval=cfg.log_interval,
+        epochs=cfg.epochs,
+        steps_per_epoch=data.steps_per_epoch,
+        global_batch=cfg.batch_size,
+    )
+    guard = NonFiniteGuard(info, data.steps_per_epoch, ckpt.last)
+    reached = False
+    while state.epoch < cfg.epochs and not reached:
+        t_epoch = time.perf_counter()
+        sums, images_per_s = train_one_epoch(
+            eng, data.loaders.train, state, data.steps_per_epoch, progress, guard, ckpt, callbacks
+        )
+        t_eval = time.perf_counter()
+        val = eng.evaluate(data.loaders.val, data.num_classes)
+        progress.eval_s.append(time.perf_counter() - t_eval)
+        state.epoch_seconds.append(time.perf_counter() - t_epoch)
+        row, is_best = state.end_epoch(
+            sums, val, lr=eng.lr(), images_per_s=images_per_s,
+            elapsed_s=time.perf_counter() - t_start,
+        )  # fmt: skip
+        tracker.log_metrics(_epoch_metrics(row), step=state.epoch)  # before saving: cnn.tracking
+        ckpt.save(best=is_best)
+        log(_epoch_line(row, state, cfg.epochs, is_best), flush=True)
+        reached = cfg.target_accuracy is not None and val.accuracy >= cfg.target_accuracy
+        if reached:
+            log(f"target_accuracy {cfg.target_accuracy:.2%} reached at epoch {state.epoch}",
+                flush=True)  # fmt: skip
+
+    test = _test_best(eng, ckpt, data)
+    result = _result(cfg, info, data, state, test, resume_path, cfg_hash, t_start)
+    if info.is_main:
+        _report(cfg, tracker, state, data, test, result)
+    return result
+
+
+def train_one_epoch(
+    eng: Engine,
+    loader: Any,
+    state: TrainState,
+    steps_per_epoch: int,
+    progress: Progress,
+    guard: NonFiniteGuard,
+    ckpt: Checkpointer,
+    callbacks: Callbacks,
+) -> tuple[EpochSums, float]:
+    """One epoch of optimizer steps from `state`'s position (its rest after a mid-epoch resume),
+    with mid-epoch checkpoints every `ckpt_interval_steps`. Returns the epoch's exact train
+    sums over all ranks and its training images/s."""
+    from cnn.models import main_logits, training_loss
+
+    cfg, info, accum = eng.cfg, eng.info, eng.cfg.grad_accum
+    t_epoch = t_mark = time.perf_counter()  # t_mark: last time train_seconds was updated
+    start_batch = state.batch
+    base = state.partial if start_batch else EpochSums()
+    progress.start_epoch(state.epoch, start_batch // accum)
+    loader.set_epoch(state.epoch)
+    eng.model.train()
+    autocast = eng.autocast()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
+    correct = torch.zeros((), dtype=torch.int64, device=info.device)
+    seen = torch.zeros((), dtype=torch.int64, device=info.device)
+    step_loss = torch.zeros((), dtype=torch.float32, device=info.device)
+    n_micro = steps_per_epoch * accum
+
+    def summed() -> EpochSums:
+        """The epoch so far over all ranks (a collective)."""
+        t = D.all_reduce_sum(torch.stack([loss_sum, correct.double(), seen.double()]))
+        return base + EpochSums(float(t[0]), int(t[1]), int(t[2]))
+
+    for i, (x, y) in enumerate(loader.iterate(start_batch=start_batch), start_batch):
+        if i >= n_micro:  # leftover micro-batches that do not fill an optimizer step
+            break
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        last_micro = (i + 1) % accum == 0
+        sync = nullcontext() if last_micro or info.world_size == 1 else eng.model.no_sync()
+        with sync:
+            with autocast:
+                output = eng.model(x)
+                loss = training_loss(output, y, eng.criterion)
+            loss = callbacks.on_loss(state.step, loss)
+            eng.scaler.scale(loss / accum).backward()
+        loss_d = loss.detach().float()
+        step_loss += loss_d / accum
+        loss_sum += loss_d.double() * y.numel()
+        correct += (main_logits(output).argmax(1) == y).sum()
+        seen += y.numel()
+        if not last_micro:
+            continue
+        guard.record(step_loss, state.step)
+        eng.optimizer_step()
+        state.step += 1
+        state.train_images += cfg.batch_size
+        callbacks.on_step_end(state)
+        at_epoch_end = i + 1 >= n_micro
+        want_ckpt = cfg.ckpt_interval_steps and state.step % cfg.ckpt_interval_steps == 0
+        if state.step % guard.every == 0 or want_ckpt or at_epoch_end:
+            guard.check()
+        if info.is_main and progress.due(state.step):
+            print(progress.line((i + 1) // accum, step_loss.item(), eng.lr()), flush=True)
+        step_loss.zero_()
+        if want_ckpt and not at_epoch_end:
+            state.batch, state.partial = i + 1, summed()
+            state.train_seconds += time.perf_counter() - t_mark
+            ckpt.save()
+            t_mark = time.perf_counter()
+    sums = summed()
+    now = time.perf_counter()
+    state.train_seconds += now - t_mark
+    images = (n_micro - start_batch) // accum * cfg.batch_size
+    return sums, images / max(now - t_epoch, 1e-9)
+
+
+# ------------------------------------------------------------------------- set-up and the end
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """`print` on ranks other than the main one."""
+
+
+def _resume_point(cfg: TrainConfig, info: D.DistInfo, ckpt_dir: Path, cfg_hash: str) -> Path | None:
+    """Rank 0 decides the resume point (a config mismatch is refused before anything is
+    written), then writes run.yaml; every rank gets the same answer."""
+    resume_path = find_resume_checkpoint(ckpt_dir, cfg_hash) if info.is_main else None
+    resume_path = D.broadcast_object(resume_path)
+    if info.is_main:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        cfg.to_yaml(Path(cfg.output_dir) / "run.yaml")
+    return cast("Path | None", resume_path)
+
+
+def _build_data(cfg: TrainConfig, info: D.DistInfo) -> Data:
+    """Prepare the dataset, decide sizes/normalisation for the model, build the loaders, and
+    refuse data that cannot work with the config (before any training step)."""
+    from cnn.data import build_loaders
+    from cnn.data.resolve import resolve_data_config
+    from cnn.models import model_info
+
     minfo = model_info(cfg.model)
     prepared = _prepare_data(cfg, info)
     data_cfg = resolve_data_config(
@@ -299,28 +601,24 @@ def _run(cfg: TrainConfig, info: D.DistInfo, t_start: float) -> dict[str, Any]:
         aug=cfg.aug,
         pretrained=bool(cfg.pretrained),
     )
-    input_size, resize_size = data_cfg.input_size, data_cfg.resize_size
     normalize = (data_cfg.mean, data_cfg.std)
     loaders = build_loaders(
         prepared,
-        input_size=input_size,
-        resize_size=resize_size,
+        input_size=data_cfg.input_size,
+        resize_size=data_cfg.resize_size,
         style=data_cfg.style,
         batch_size=cfg.batch_size // cfg.grad_accum,  # loader batch = one micro-batch (global)
         eval_batch_size=cfg.eval_batch_size,
         rank=info.rank,
         world_size=info.world_size,
         seed=cfg.seed,
-        device=device,
+        device=info.device,
         mode=cfg.loader_mode,
         num_workers=cfg.num_workers,
         normalize=normalize,
         decoder=cfg.decoder,
     )
-    if hooks.get("trace_samples"):
-        _install_sample_trace(loaders.train, hooks["trace_samples"], info.rank)
-    accum = cfg.grad_accum
-    steps_per_epoch = len(loaders.train) // accum
+    steps_per_epoch = len(loaders.train) // cfg.grad_accum
     if steps_per_epoch < 1:
         raise ValueError(
             f"the train split has {prepared.splits.get('train')} images, fewer than one global "
@@ -333,16 +631,35 @@ def _run(cfg: TrainConfig, info: D.DistInfo, t_start: float) -> dict[str, Any]:
             f"{loaders.num_classes} classes; set num_classes: null (take it from the data)"
         )
     classes = list(loaders.classes)
+    meta = {
+        "classes": classes,
+        "num_classes": num_classes,
+        "in_channels": loaders.in_channels,
+        "data_config": data_cfg.to_dict(),
+        "input_size": data_cfg.input_size,
+        "resize_size": data_cfg.resize_size,
+        "mean": list(normalize[0]),
+        "std": list(normalize[1]),
+        "dataset": cfg.dataset,
+        "test_is_val": bool(prepared.test_is_val),
+    }
+    return Data(prepared, loaders, data_cfg, num_classes, classes, steps_per_epoch, meta)
 
-    # ---- model: same seed on every rank -> identical init (DDP also broadcasts rank 0's)
+
+def _build_engine(cfg: TrainConfig, info: D.DistInfo, data: Data, log: Any) -> Engine:
+    """Model (same seed on every rank -> identical init; DDP also broadcasts rank 0's), EMA,
+    optimizer, schedule, precision; then per-rank RNG streams (dropout etc.)."""
+    from cnn.models import get_model
+
+    device = info.device
     seed_everything(cfg.seed)
     raw = get_model(
         cfg.model,
-        num_classes=num_classes,
-        in_channels=loaders.in_channels,
+        num_classes=data.num_classes,
+        in_channels=data.loaders.in_channels,
         pretrained=cfg.pretrained,
         freeze_backbone=cfg.freeze_backbone,
-        input_size=input_size,
+        input_size=data.config.input_size,
     )
     if cfg.sync_bn and info.world_size > 1:
         raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
@@ -355,7 +672,7 @@ def _run(cfg: TrainConfig, info: D.DistInfo, t_start: float) -> dict[str, Any]:
         else None
     )
     optimizer = build_optimizer(cfg, raw)
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    scheduler = build_scheduler(cfg, optimizer, data.steps_per_epoch)
     precision = cfg.resolved_precision(device.type)
     if precision == "bf16" and device.type == "cpu" and not _cpu_has_native_bf16():
         log(
@@ -363,260 +680,62 @@ def _run(cfg: TrainConfig, info: D.DistInfo, t_start: float) -> dict[str, Any]:
             "5-7x slower than fp32 for LeNet on an AVX2 CPU; use precision=auto (fp32 on CPU)",
             flush=True,
         )
-    amp_dtype = AMP_DTYPES[precision]
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     seed_everything(cfg.seed + info.rank)  # per-rank streams (dropout etc.) from here on
-
-    # ---- resume
-    epoch, step, start_batch = 0, 0, 0
-    meta: dict[str, Any] = {"best_val_accuracy": -1.0, "best_epoch": 0, "history": [],
-                            "train_seconds": 0.0, "train_images": 0}  # fmt: skip
-    partial = [0.0, 0, 0]  # epoch-so-far (loss sum, correct, seen), summed over ranks
-    if resume_path is not None:
-        state = load_checkpoint(resume_path)  # on CPU; load_state_dict copies to the device
-        raw.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        epoch, step, start_batch = int(state["epoch"]), int(state["step"]), int(state["batch"])
-        meta.update(state["meta"])
-        partial = list(meta.pop("partial", partial))
-        rngs = state["rng"]
-        if len(rngs) == info.world_size:
-            set_rng_state(rngs[info.rank], device)
-        else:  # world size changed: continue with fresh, still reproducible, per-rank streams
-            seed_everything(cfg.seed + info.rank + 1000 * step)
-        log(f"resumed from {resume_path} at epoch {epoch} step {step}", flush=True)
-    meta.pop("partial", None)
-    resumed_from = str(resume_path) if resume_path else None
-
-    # ---- compile before wrapping in DDP, as the engine's contract says
-    model: nn.Module = torch.compile(raw) if cfg.compile else raw
-    eval_model = model  # unwrapped by DDP: ranks may hold unequal eval shards
-    if info.world_size > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = (
-        torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    return Engine(
+        cfg, info, raw, ema, optimizer, scheduler, scaler, criterion, AMP_DTYPES[precision]
     )
 
-    tracker = Tracker(cfg.mlflow_run_id, cfg.mlflow_tracking_uri, is_main)
-    tracker.log_params(cfg.to_dict())
-    for row in meta["history"]:  # idempotent: fills in anything a crash kept from being logged
-        tracker.log_metrics(_epoch_metrics(row), step=row["epoch"])
 
-    # ---- state shared by the checkpoint and the non-finite-loss check
-    BIG = 2**62
-    first_bad = torch.zeros((), dtype=torch.int64, device=device)  # BIG - step of 1st non-finite
-    # Checking means a GPU sync or an all-reduce; every 25 steps costs nothing measurable, and the
-    # error still names the first bad step because `first_bad` records it on the device.
-    check_every = 1 if device.type == "cpu" and info.world_size == 1 else 25
-
-    def check_finite() -> None:
-        """All ranks agree on the first non-finite loss; stop before anything is saved."""
-        worst = int(D.all_reduce_max(first_bad.clone()))
-        if worst:
-            bad_step = BIG - worst
-            raise FloatingPointError(
-                f"non-finite loss (nan/inf) at epoch {bad_step // steps_per_epoch + 1} step "
-                f"{bad_step} (global optimizer step); stopped without saving, the last good "
-                f"checkpoint ({last_path if last_path.exists() else 'none yet'}) is kept. Lower "
-                "lr, set grad_clip, or use precision=fp32"
-            )
-
-    def save(pos_epoch: int, pos_batch: int, sums: list[float], best: bool = False) -> None:
-        """Gather per-rank RNG states (collective), then rank 0 writes atomically."""
-        rngs = D.all_gather_object(rng_state(device))
-        if not is_main:
-            return
-        state = {
-            "format": 1,
-            "model": unwrap_model(raw).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "epoch": pos_epoch,
-            "step": step,
-            "batch": pos_batch,
-            "rng": rngs,
-            "config": cfg.to_dict(),
-            "config_hash": cfg_hash,
-            "meta": {**meta, "partial": list(sums), **data_meta},
-        }
-        save_checkpoint(state, last_path)
-        if best:
-            copy_checkpoint(last_path, best_path)
-
-    data_meta = {
-        "classes": classes,
-        "num_classes": num_classes,
-        "in_channels": loaders.in_channels,
-        "data_config": data_cfg.to_dict(),
-        "input_size": input_size,
-        "resize_size": resize_size,
-        "mean": list(normalize[0]),
-        "std": list(normalize[1]),
-        "dataset": cfg.dataset,
-        "test_is_val": bool(prepared.test_is_val),
-    }
-
-    # ---- the loop
-    epoch_times: list[float] = []
-    global_batch = cfg.batch_size
-    progress = Progress(
-        every_s=cfg.progress_seconds,
-        log_interval=cfg.log_interval,
-        epochs=cfg.epochs,
-        steps_per_epoch=steps_per_epoch,
-        global_batch=global_batch,
+def _epoch_line(row: dict[str, Any], state: TrainState, epochs: int, is_best: bool) -> str:
+    """The per-epoch line; its ETA is the mean epoch time (evaluation included) of this process."""
+    eta = sum(state.epoch_seconds) / len(state.epoch_seconds) * (epochs - state.epoch)
+    return (
+        f"epoch {state.epoch}/{epochs} train_loss {row['train_loss']:.4f} train_acc "
+        f"{row['train_accuracy']:.2%} val_loss {row['val_loss']:.4f} val_acc "
+        f"{row['val_accuracy']:.2%} lr {row['lr']:.4g} {row['images_per_s']:.0f} img/s "
+        f"eta {_fmt_time(eta)}" + (" *best" if is_best else "")
     )
-    stop = epoch >= cfg.epochs
-    while not stop:
-        t_epoch = t_mark = time.perf_counter()  # t_mark: last time train_seconds was updated
-        progress.start_epoch(epoch, start_batch // accum)
-        loaders.train.set_epoch(epoch)
-        model.train()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        seen = torch.zeros((), dtype=torch.int64, device=device)
-        step_loss = torch.zeros((), dtype=torch.float32, device=device)
-        base = partial if start_batch else [0.0, 0, 0]
-        n_micro = steps_per_epoch * accum
-        for i, (x, y) in enumerate(loaders.train.iterate(start_batch=start_batch), start_batch):
-            if i >= n_micro:  # leftover micro-batches that do not fill an optimizer step
-                break
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            last_micro = (i + 1) % accum == 0
-            sync = nullcontext() if last_micro or info.world_size == 1 else model.no_sync()
-            with sync:
-                with autocast:
-                    output = model(x)
-                    loss = training_loss(output, y, criterion)
-                if hooks["nan_step"] == step:
-                    loss = loss * float("nan")
-                scaler.scale(loss / accum).backward()
-            loss_d = loss.detach().float()
-            step_loss += loss_d / accum
-            loss_sum += loss_d.double() * y.numel()
-            correct += (main_logits(output).argmax(1) == y).sum()
-            seen += y.numel()
-            if not last_micro:
-                continue
-            first_bad.copy_(
-                torch.where((first_bad == 0) & ~torch.isfinite(step_loss), BIG - step, first_bad)
-            )
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(raw)
-            step += 1
-            meta["train_images"] += global_batch
-            if hooks["kill_step"] == step and info.rank == hooks["kill_rank"]:
-                os.kill(os.getpid(), signal.SIGKILL)  # TEST HOOK: a rank dies mid-epoch
-            at_epoch_end = i + 1 >= n_micro
-            want_ckpt = cfg.ckpt_interval_steps and step % cfg.ckpt_interval_steps == 0
-            if step % check_every == 0 or want_ckpt or at_epoch_end:
-                check_finite()
-            if is_main and progress.due(step):
-                line = progress.line((i + 1) // accum, step_loss.item(), scheduler.get_last_lr()[0])
-                log(line, flush=True)
-            step_loss.zero_()
-            if want_ckpt and not at_epoch_end:
-                sums = D.all_reduce_sum(torch.stack([loss_sum, correct.double(), seen.double()]))
-                sums = [base[0] + float(sums[0]), base[1] + int(sums[1]), base[2] + int(sums[2])]
-                meta["train_seconds"] += time.perf_counter() - t_mark
-                save(epoch, i + 1, sums)
-                t_mark = time.perf_counter()
-        # ---- epoch end: exact train metrics, validation, best/last checkpoints, logging
-        sums = D.all_reduce_sum(torch.stack([loss_sum, correct.double(), seen.double()]))
-        tot_loss, tot_correct, tot_seen = (
-            base[0] + float(sums[0]), base[1] + int(sums[1]), base[2] + int(sums[2]),
-        )  # fmt: skip
-        now = time.perf_counter()
-        train_time = now - t_epoch
-        images = (n_micro - start_batch) // accum * global_batch
-        meta["train_seconds"] += now - t_mark
-        t_eval = time.perf_counter()
-        val = evaluate(
-            ema.module if ema is not None else eval_model,
-            loaders.val,
-            num_classes,
-            device=device,
-            autocast_dtype=amp_dtype,
-            channels_last=cfg.channels_last,
-        )
-        progress.eval_s.append(time.perf_counter() - t_eval)
-        epoch += 1
-        start_batch = 0
-        epoch_times.append(time.perf_counter() - t_epoch)
-        is_best = val.accuracy > meta["best_val_accuracy"]
-        if is_best:
-            meta["best_val_accuracy"], meta["best_epoch"] = val.accuracy, epoch
-        row = {
-            "epoch": epoch,
-            "train_loss": tot_loss / max(tot_seen, 1),
-            "train_accuracy": tot_correct / max(tot_seen, 1),
-            "val_loss": val.loss,
-            "val_accuracy": val.accuracy,
-            "lr": scheduler.get_last_lr()[0],
-            "images_per_s": images / max(train_time, 1e-9),
-            "elapsed_s": time.perf_counter() - t_start,
-            "train_seconds": meta["train_seconds"],  # cumulative, training steps only
-        }
-        meta["history"] = [*meta["history"], row]
-        tracker.log_metrics(_epoch_metrics(row), step=epoch)  # before saving: see cnn.tracking
-        save(epoch, 0, [0.0, 0, 0], best=is_best)
-        eta = sum(epoch_times) / len(epoch_times) * (cfg.epochs - epoch)
-        log(
-            f"epoch {epoch}/{cfg.epochs} train_loss {row['train_loss']:.4f} train_acc "
-            f"{row['train_accuracy']:.2%} val_loss {val.loss:.4f} val_acc {val.accuracy:.2%} "
-            f"lr {row['lr']:.4g} {row['images_per_s']:.0f} img/s eta {_fmt_time(eta)}"
-            + (" *best" if is_best else ""),
-            flush=True,
-        )
-        reached = cfg.target_accuracy is not None and val.accuracy >= cfg.target_accuracy
-        if reached:
-            log(f"target_accuracy {cfg.target_accuracy:.2%} reached at epoch {epoch}", flush=True)
-        stop = epoch >= cfg.epochs or reached
 
-    # ---- final: the best checkpoint on the test split
-    D.barrier(info)
-    best = load_checkpoint(best_path if best_path.exists() else last_path)
-    if ema is not None and best.get("ema") is not None:
-        ema.load_state_dict(best["ema"])
-        final_model: nn.Module = ema.module
+
+def _test_best(eng: Engine, ckpt: Checkpointer, data: Data) -> EvalResult:
+    """Evaluate the best checkpoint (last.pt when none was best) on the test split."""
+    D.barrier(eng.info)
+    best = load_checkpoint(ckpt.best if ckpt.best.exists() else ckpt.last)
+    if eng.ema is not None and best.get("ema") is not None:
+        eng.ema.load_state_dict(best["ema"])
+        model: nn.Module = eng.ema.module
     else:
-        raw.load_state_dict(best["model"])
-        final_model = eval_model
-    test = evaluate(
-        final_model,
-        loaders.test,
-        num_classes,
-        device=device,
-        autocast_dtype=amp_dtype,
-        channels_last=cfg.channels_last,
-    )
-    result = {
-        "best_val_accuracy": meta["best_val_accuracy"],
-        "best_epoch": meta["best_epoch"],
-        "epochs_completed": epoch,
-        "images_per_s": meta["train_images"] / max(meta["train_seconds"], 1e-9),
-        "train_seconds": meta["train_seconds"],
-        "resumed_from": resumed_from,
-        "classes": classes,
-        "test": _test_dict(test, classes),
-        "test_is_val": bool(prepared.test_is_val),
+        eng.raw.load_state_dict(best["model"])
+        model = eng.eval_model
+    return eng.evaluate(data.loaders.test, data.num_classes, model)
+
+
+def _result(
+    cfg: TrainConfig,
+    info: D.DistInfo,
+    data: Data,
+    state: TrainState,
+    test: EvalResult,
+    resume_path: Path | None,
+    cfg_hash: str,
+    t_start: float,
+) -> dict[str, Any]:
+    """result.json (docs/internals.md), plus history, world size, hash, wall time, memory."""
+    device = info.device
+    return {
+        "best_val_accuracy": state.best_val_accuracy,
+        "best_epoch": state.best_epoch,
+        "epochs_completed": state.epoch,
+        "images_per_s": state.train_images / max(state.train_seconds, 1e-9),
+        "train_seconds": state.train_seconds,
+        "resumed_from": str(resume_path) if resume_path else None,
+        "classes": data.classes,
+        "test": _test_dict(test, data.classes),
+        "test_is_val": bool(data.prepared.test_is_val),
         # additions beyond docs/internals.md (backwards compatible)
-        "history": meta["history"],
+        "history": state.history,
         "world_size": info.world_size,
         "config_hash": cfg_hash,
         "wall_seconds": time.perf_counter() - t_start,
@@ -626,21 +745,31 @@ def _run(cfg: TrainConfig, info: D.DistInfo, t_start: float) -> dict[str, Any]:
             else None
         ),
     }
-    if is_main:
-        atomic_write_json(Path(cfg.output_dir) / "result.json", result)
-        tracker.log_metrics(
-            {"test_accuracy": test.accuracy, "test_top5": test.top5, "test_loss": test.loss,
-             "best_val_accuracy": meta["best_val_accuracy"]},
-            step=epoch,
-        )  # fmt: skip
-        log(
-            f"test accuracy {test.accuracy:.2%}"
-            + (f" top5 {test.top5:.2%}" if test.top5 is not None else "")
-            + f" loss {test.loss:.4f} (best epoch {meta['best_epoch']}, "
-            f"{'val' if prepared.test_is_val else 'test'} split) -> {cfg.output_dir}/result.json",
-            flush=True,
-        )
-    return result
+
+
+def _report(
+    cfg: TrainConfig,
+    tracker: Tracker,
+    state: TrainState,
+    data: Data,
+    test: EvalResult,
+    result: dict[str, Any],
+) -> None:
+    """Main rank only: result.json, the final metrics in MLflow, the test line."""
+    atomic_write_json(Path(cfg.output_dir) / "result.json", result)
+    tracker.log_metrics(
+        {"test_accuracy": test.accuracy, "test_top5": test.top5, "test_loss": test.loss,
+         "best_val_accuracy": state.best_val_accuracy},
+        step=state.epoch,
+    )  # fmt: skip
+    print(
+        f"test accuracy {test.accuracy:.2%}"
+        + (f" top5 {test.top5:.2%}" if test.top5 is not None else "")
+        + f" loss {test.loss:.4f} (best epoch {state.best_epoch}, "
+        f"{'val' if data.prepared.test_is_val else 'test'} split) -> "
+        f"{cfg.output_dir}/result.json",
+        flush=True,
+    )
 
 
 def _epoch_metrics(row: dict[str, Any]) -> dict[str, float]:
@@ -663,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig.from_yaml(args.config)
     if args.overrides:
         cfg = cfg.replace(**parse_overrides(args.overrides))
-    train(cfg)
+    train(cfg, callbacks=FaultInjection.from_env())  # None unless CNNPIPE_TEST_* is set
     return 0
 
 

@@ -14,15 +14,21 @@ import numpy as np
 import pytest
 import torch
 
+from cnn.callbacks import FaultInjection
 from cnn.checkpoint import (
+    FORMAT,
+    Checkpointer,
+    RankRNG,
     find_resume_checkpoint,
     load_checkpoint,
+    load_model_from_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
     unwrap_model,
 )
 from cnn.models import get_model
+from cnn.train import EpochSums, TrainState
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,16 +39,14 @@ def _state(step: int, config_hash: str = "h1") -> dict:
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     opt.step()
     return {
-        "format": 1,
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "epoch": 1,
-        "step": step,
-        "batch": 0,
-        "rng": [rng_state()],
+        "format": FORMAT,
         "config": {"model": "lenet5", "lr": 0.1, "pretrained": None},
         "config_hash": config_hash,
         "meta": {"num_classes": 10, "classes": [str(k) for k in range(10)]},
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "train_state": TrainState(epoch=1, step=step).state_dict(),
+        "rng": [rng_state()],
     }
 
 
@@ -51,7 +55,7 @@ def test_roundtrip_weights_only_and_rng(tmp_path: Path) -> None:
     path = save_checkpoint(state, tmp_path / "ckpt" / "last.pt")
     # What we wrote must load under the strict unpickler (no code objects, no numpy arrays).
     raw = torch.load(path, weights_only=True)
-    assert raw["step"] == 5 and raw["config"]["pretrained"] is None
+    assert raw["train_state"]["step"] == 5 and raw["config"]["pretrained"] is None
     back = load_checkpoint(path)
     for k, v in state["model"].items():
         assert torch.equal(back["model"][k], v)
@@ -123,3 +127,74 @@ def test_config_mismatch_is_refused(tmp_path: Path) -> None:
     msg = str(err.value)
     assert "aaaa" in msg and "bbbb" in msg
     assert "same config" in msg and "new output_dir" in msg
+
+
+def test_checkpoint_is_state_dicts_of_the_stateful_objects(tmp_path: Path) -> None:
+    """`Checkpointer` writes `{name: obj.state_dict()}` plus config/hash/meta and restores every
+    object, TrainState included (position, best, history, timings, partial epoch sums)."""
+    model = get_model("lenet5", num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    state = TrainState(
+        epoch=1, step=7, batch=3, best_val_accuracy=0.5, best_epoch=1, train_seconds=2.5,
+        history=[{"epoch": 1, "val_accuracy": 0.5}], train_images=56,
+        partial=EpochSums(1.5, 9, 24), epoch_seconds=[3.0],
+    )  # fmt: skip
+    rng = RankRNG(torch.device("cpu"), 0, 1, reseed=lambda: None)
+    objects = {"model": model, "optimizer": opt, "train_state": state, "rng": rng}
+    meta = {"num_classes": 10, "classes": [str(k) for k in range(10)]}
+    ckpt = Checkpointer(tmp_path / "checkpoints", objects, config={"model": "lenet5"},
+                        config_hash="h1", meta=meta, is_main=True)  # fmt: skip
+    ckpt.save(best=True)
+    raw = torch.load(ckpt.last, weights_only=True)
+    assert set(raw) == {"format", "config", "config_hash", "meta", *objects}
+    assert (
+        raw["train_state"]["partial"] == [1.5, 9, 24] and "epoch_seconds" not in raw["train_state"]
+    )
+    assert ckpt.best.read_bytes() == ckpt.last.read_bytes()
+
+    fresh = TrainState()
+    model2 = get_model("lenet5", num_classes=10)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
+    objects2 = {"model": model2, "optimizer": opt2, "train_state": fresh, "rng": rng}
+    Checkpointer(tmp_path / "checkpoints", objects2, config={}, config_hash="h1", meta={},
+                 is_main=True).load(ckpt.last)  # fmt: skip
+    assert fresh == TrainState(**{**vars(state), "epoch_seconds": []})  # epoch_seconds: not resumed
+    for k, v in model.state_dict().items():
+        assert torch.equal(model2.state_dict()[k], v)
+    assert opt2.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+    assert load_model_from_checkpoint(ckpt.best)[2] == meta
+    assert find_resume_checkpoint(tmp_path / "checkpoints", "h1") == ckpt.last
+
+
+def test_other_layout_is_refused_with_the_fix(tmp_path: Path) -> None:
+    """A checkpoint of the previous (flat) layout: a clear error naming both formats, not a
+    KeyError, both when discovering the resume point and when loading it."""
+    old = {"format": 1, "model": {"w": torch.zeros(2)}, "epoch": 1, "step": 3, "batch": 0,
+           "config": {}, "config_hash": "h1", "meta": {}}  # fmt: skip
+    save_checkpoint(old, tmp_path / "last.pt")
+    with pytest.raises(
+        ValueError, match=rf"layout format 1, but this engine resumes format {FORMAT}"
+    ):
+        find_resume_checkpoint(tmp_path, "h1")
+    objects = {"model": torch.nn.Linear(1, 2), "train_state": TrainState()}
+    ckpt = Checkpointer(tmp_path, objects, config={}, config_hash="h1", meta={}, is_main=True)
+    with pytest.raises(ValueError, match=r"lacks 'train_state'.* new output_dir"):
+        ckpt.load(tmp_path / "last.pt")
+
+
+def test_fault_injection_from_env() -> None:
+    """Jobs that cannot be handed a Python object get their faults from CNNPIPE_TEST_*; none
+    set (or all blanked by a retry) installs nothing, and the kill hits the first attempt only."""
+    assert FaultInjection.from_env({}) is None
+    assert FaultInjection.from_env({"CNNPIPE_TEST_KILL_AT_STEP": ""}) is None
+    faults = FaultInjection.from_env(
+        {"CNNPIPE_TEST_KILL_AT_STEP": "9", "CNNPIPE_TEST_NAN_AT_STEP": "4"}
+    )
+    assert faults is not None
+    assert (faults.kill_at_step, faults.kill_rank, faults.nan_at_step) == (9, 1, 4)
+    retry = {"CNNPIPE_TEST_KILL_AT_STEP": "9", "TORCHELASTIC_RESTART_COUNT": "1"}
+    assert FaultInjection.from_env(retry).kill_at_step is None  # type: ignore[union-attr]
+    loss = torch.tensor(1.0)
+    assert torch.isnan(faults.on_loss(4, loss)) and faults.on_loss(3, loss) is loss

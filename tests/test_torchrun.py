@@ -138,7 +138,7 @@ def test_kill_during_checkpoint_write(
     assert code == -9, log[-4000:]
     ckpts = Path(cfg.output_dir) / "checkpoints"
     assert list(ckpts.glob(".last.pt.tmp-*"))  # the partial write that never replaced last.pt
-    assert load_checkpoint(ckpts / "last.pt")["step"] == CKPT_EVERY
+    assert load_checkpoint(ckpts / "last.pt")["train_state"]["step"] == CKPT_EVERY
     assert train(cfg)["resumed_from"] == str(ckpts / "last.pt")
     assert_params_close(model_params(reference), model_params(cfg.output_dir), atol=1e-5)
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from fakedata import make_imagefolder
 
+from cnn.callbacks import FaultInjection
 from cnn.checkpoint import load_checkpoint, load_model_from_checkpoint
 from cnn.config import TrainConfig
 from cnn.evaluate import evaluate
@@ -170,7 +171,8 @@ def test_run_outputs_resume_and_mismatch(
     assert test["top5"] is None  # 3 classes
     assert saved["best_val_accuracy"] > 1 / len(CLASSES)  # it learned something
     last = load_checkpoint(out / "checkpoints" / "last.pt")
-    assert (last["epoch"], last["step"], last["batch"]) == (2, 2 * STEPS_PER_EPOCH, 0)
+    position = last["train_state"]
+    assert (position["epoch"], position["step"], position["batch"]) == (2, 2 * STEPS_PER_EPOCH, 0)
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in last["model"])
     # The best checkpoint rebuilds the model alone, and gives the reported test accuracy.
     model, cfg_dict, meta = load_model_from_checkpoint(out / "checkpoints" / "best.pt")
@@ -205,21 +207,21 @@ def test_run_outputs_resume_and_mismatch(
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(
-    tiny_data: dict, tmp_path: Path, torch_globals: None, monkeypatch: pytest.MonkeyPatch
+    tiny_data: dict, tmp_path: Path, torch_globals: None
 ) -> None:
     cfg = tiny_config(tiny_data, tmp_path / "nan")
     bad_step = STEPS_PER_EPOCH + 2  # in the second epoch, after the epoch-1 checkpoint
-    monkeypatch.setenv("CNNPIPE_TEST_NAN_AT_STEP", str(bad_step))
+    faults = FaultInjection(nan_at_step=bad_step)  # the loop's hook; jobs use CNNPIPE_TEST_*
     last = tmp_path / "nan" / "checkpoints" / "last.pt"
     with pytest.raises(FloatingPointError, match=rf"non-finite loss .* epoch 2 step {bad_step}\b"):
-        train(cfg)
+        train(cfg, callbacks=faults)
     good_bytes, good_mtime = last.read_bytes(), last.stat().st_mtime_ns
     state = load_checkpoint(last)
-    assert state["step"] == STEPS_PER_EPOCH  # the epoch-1 checkpoint, before the bad step
+    assert state["train_state"]["step"] == STEPS_PER_EPOCH  # epoch 1's, before the bad step
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     # A restart resumes from it, meets the same bad step, and again leaves it untouched.
     with pytest.raises(FloatingPointError, match=rf"epoch 2 step {bad_step}\b"):
-        train(cfg)
+        train(cfg, callbacks=faults)
     assert last.read_bytes() == good_bytes and last.stat().st_mtime_ns == good_mtime
 
 
