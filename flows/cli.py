@@ -31,6 +31,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from flows.deploy import register_deploy_command
+from tasks.request import CompareRequest, TrainRequest, add_options
+
 _T0 = time.time()  # process start (near enough): the "startup" stage is measured from here
 EXIT_GRACE_S = 8.0  # the longest the interpreter may take to exit after the command is done
 SIGNAL_GRACE_S = 4.0  # SIGTERM -> SIGKILL grace for training jobs when a signal arrives
@@ -307,67 +310,24 @@ def _prepare_settings(overrides: list[str] | None) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in keys}
 
 
-def _train_params(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "model": args.model,
-        "dataset": args.dataset,
-        "data_dir": args.data_dir,
-        "cache_dir": args.cache_dir,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "device": args.device,
-        "pretrained": args.pretrained,
-        "freeze_backbone": True if args.freeze_backbone else None,
-        "recipe": args.recipe,
-        "config_file": args.config,
-        "overrides": args.set or None,
-        "nproc_per_node": args.nproc_per_node,
-        "nnodes": args.nnodes,
-        "node_rank": args.node_rank,
-        "rdzv_endpoint": args.rdzv_endpoint,
-        "max_restarts": args.max_restarts,
-        "output_dir": args.output_dir,
-        "register_as": args.register_as,
-        "to_registry": not args.no_register,
-        "experiment": args.experiment,
-        "train_retries": args.retries,
-    }
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
-    from cnn.config import parse_overrides
     from tasks.plan import check_output_dir, check_tracking_destination, plan_training
+    from tasks.request import TrainRequest
 
-    if args.recipe and args.config:
-        raise ValueError("give --recipe NAME or --config FILE, not both")
-    if args.retries < 0:
-        raise ValueError(f"--retries {args.retries} must be >= 0")
-    params = _train_params(args)
-    shortcuts = ("epochs", "batch_size", "lr", "device", "pretrained", "freeze_backbone")
-    overrides = {k: params[k] for k in shortcuts if params[k] is not None}
+    request = TrainRequest.from_args(args)
     with _stdout_to_stderr(args.json) as emit:
-        check_output_dir(args.output_dir)
+        check_output_dir(request.output_dir)
         check_tracking_destination()
         # Bad input fails here, within seconds, with nothing written anywhere. The flow's own
-        # plan_training call with the same arguments is answered from the plan's memo.
-        plan_training(
-            **{k: params[k] for k in ("model", "dataset", "data_dir", "cache_dir", "recipe")},
-            config_file=args.config,
-            overrides={**parse_overrides(args.set), **overrides},
-            nproc_per_node=args.nproc_per_node,
-            nnodes=args.nnodes,
-            node_rank=args.node_rank,
-            rdzv_endpoint=args.rdzv_endpoint,
-            max_restarts=args.max_restarts,
-        )
+        # plan of the same request is answered from the plan's memo.
+        plan_training(request)
         # Prefect's server boots only now: started during the checks, it slowed the errors
         # of the torch stage (a corrupt weights file) 3x and gained no measurable overhead.
         wait_for_prefect = _before_flow(args)
         from flows.pipeline import train_pipeline
 
         wait_for_prefect()
-        result = train_pipeline(**params)
+        result = train_pipeline(request)
         result["timings"] = {
             "startup": round(result.pop("started_at") - _T0, 3),
             **result["timings"],
@@ -401,54 +361,19 @@ def _print_train_summary(r: dict[str, Any]) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from cnn.config import parse_overrides
-    from tasks.plan import (
-        check_model_name,
-        check_output_dir,
-        check_tracking_destination,
-        plan_training,
-    )
+    from tasks.plan import check_output_dir, check_tracking_destination, plan_comparison
+    from tasks.request import CompareRequest
 
-    shortcuts = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                 "device": args.device}  # fmt: skip
-    params = {
-        "data_dir": args.data_dir,
-        "cache_dir": args.cache_dir,
-        "recipe": args.recipe,
-        "overrides": {
-            **parse_overrides(args.set),
-            **{k: v for k, v in shortcuts.items() if v is not None},
-        },
-        "nproc_per_node": args.nproc_per_node,
-    }
-    if args.max_concurrent is not None and args.max_concurrent < 1:
-        raise ValueError(f"--max-concurrent {args.max_concurrent} must be >= 1")
+    request = CompareRequest.from_args(args)
     with _stdout_to_stderr(args.json) as emit:
-        check_output_dir(args.output_dir)
+        check_output_dir(request.output_dir)
         check_tracking_destination()
-        models = [m.strip() for m in args.models.split(",") if m.strip()]
-        if not models:
-            raise ValueError("--models is empty; give e.g. lenet5,resnet18_cifar")
-        if len(set(models)) != len(models):
-            raise ValueError(f"--models lists a name twice: {models}")
-        for name in models:  # every name first: a typo in the 3rd model is named
-            check_model_name(name)  # before the 1st model's data is checked
-        for name in models:  # as the flow's plan_comparison (answered from the plan's memo)
-            plan_training(model=name, dataset=args.dataset, **params)
+        plan_comparison(request)  # every name, then every model (the flow's from the memo)
         wait_for_prefect = _before_flow(args)
         from flows.pipeline import _markdown_table, compare_architectures
 
         wait_for_prefect()
-        result = compare_architectures(
-            models=models,
-            dataset=args.dataset,
-            max_concurrent=args.max_concurrent,
-            to_registry=args.register,
-            experiment=args.experiment,
-            output_dir=args.output_dir,
-            train_retries=args.retries,
-            **params,
-        )
+        result = compare_architectures(request)
         if args.json:
             emit(result)
         else:
@@ -542,30 +467,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------- parser
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by `train` and `compare`."""
-    p.add_argument("--dataset", required=True, help="cifar10, mnist, ..., or imagefolder")
-    p.add_argument("--data-dir", default=None, help="default: the config's data_dir (data)")
-    p.add_argument("--cache-dir", default=None, help="default: <data-dir>/cache")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="global batch size")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
-    p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) per node")
-    p.add_argument("--recipe", default=None, help="a recipe in cnn/recipes/ (or a YAML path)")
-    p.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        default=[],
-        help="override any TrainConfig field (repeatable), e.g. --set weight_decay=1e-4",
-    )
-    p.add_argument("--experiment", default=None, help="MLflow experiment (default: cnnpipe)")
-    p.add_argument("--retries", type=int, default=1, help="Prefect retries of a failed job")
-    p.add_argument("--output-dir", default=None, help="default: runs/<model>-<dataset>-<run>")
-    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnnpipe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -592,36 +493,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_prepare)
 
+    # `train` and `compare` options are the fields of their flows' request (tasks/request.py).
     p = sub.add_parser("train", help="prepare, train, evaluate and register one model")
-    p.add_argument("--model", required=True, help="see `cnnpipe models`")
-    _add_run_options(p)
-    p.add_argument("--nnodes", type=int, default=1)
-    p.add_argument("--node-rank", type=int, default=None)
-    p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the c10d rendezvous")
-    p.add_argument("--max-restarts", type=int, default=0, help="torchrun --max-restarts")
-    p.add_argument("--config", default=None, help="a TrainConfig YAML file (not with --recipe)")
-    p.add_argument(
-        "--pretrained",
-        nargs="?",
-        const="DEFAULT",
-        default=None,
-        help="start from pretrained weights: a weights name (default DEFAULT) or a local file",
-    )
-    p.add_argument("--freeze-backbone", action="store_true", help="train only the new head")
-    p.add_argument("--register-as", default=None, help="registered name (default model-dataset)")
-    p.add_argument("--no-register", action="store_true", help="skip MLflow model registration")
+    add_options(p, TrainRequest)
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("compare", help="train several architectures and compare them")
-    p.add_argument("--models", required=True, help="comma-separated, e.g. lenet5,resnet18_cifar")
-    _add_run_options(p)
-    p.add_argument(
-        "--max-concurrent",
-        type=int,
-        default=None,
-        help="jobs at once (default: one per GPU, 1 on CPU)",
-    )
-    p.add_argument("--register", action="store_true", help="also register every model")
+    add_options(p, CompareRequest)
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("evaluate", help="metrics of a registered model on a dataset split")
@@ -648,12 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "when PREFECT_API_URL is set)")  # fmt: skip
     p.set_defaults(func=_cmd_predict)
 
-    try:  # `cnnpipe deploy` lives in flows/deploy.py; the CLI works without it
-        from flows.deploy import register_deploy_command
-    except Exception:  # noqa: BLE001 - absent or broken: every other command still works
-        register_deploy_command = None
-    if register_deploy_command is not None:
-        register_deploy_command(sub)
+    register_deploy_command(sub)  # `cnnpipe deploy` (flows/deploy.py)
     return parser
 
 

@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import sys
-import urllib.error
-import urllib.request
 import zoneinfo
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -103,11 +100,6 @@ def check_timezone(tz: str) -> str:
     return tz
 
 
-def _flow_default(flow: Flow[..., Any], name: str) -> Any:
-    """A flow parameter's default: the flows stay the one place that defines them."""
-    return inspect.signature(flow.fn).parameters[name].default
-
-
 def plan_deployments(
     *,
     model: str | None = None,
@@ -124,9 +116,10 @@ def plan_deployments(
     """The two deployment specs, with every value checked. Raises ValueError (or
     FileNotFoundError for a missing image folder) on bad input.
 
-    `model`, `dataset` and `models` default to the flows' own defaults and are stored
-    explicitly (visible in the UI); other options left at None are not stored, so the flow's
-    defaults apply at run time (timm style).
+    Each deployment stores its flow's one parameter, the request (`tasks.request`): `model`,
+    `dataset` and `models` default to the request's own defaults and are stored explicitly
+    (visible in the UI); other fields are stored only when set, so the flow's defaults apply
+    at run time (timm style).
     """
     if train_timeout is not None and not train_timeout > 0:
         raise ValueError(
@@ -136,51 +129,45 @@ def plan_deployments(
     nightly_cron = check_cron(nightly_cron, "--nightly-cron")
     weekly_cron = check_cron(weekly_cron, "--weekly-cron")
     timezone = check_timezone(timezone)
-    from flows.pipeline import compare_architectures, plan_comparison, train_pipeline
-    from tasks.plan import plan_training
+    from tasks.plan import plan_comparison, plan_training
+    from tasks.request import CompareRequest, TrainRequest
 
-    model = model or _flow_default(train_pipeline, "model")
-    dataset = dataset or _flow_default(train_pipeline, "dataset")
-    models = models or _flow_default(compare_architectures, "models")
-    if isinstance(models, str):
-        models = models.split(",")
-    compare_models = [m.strip() for m in models if m.strip()]
     if data_dir is not None:
         # The worker runs in the code source's directory, not where `deploy` ran: pin the path.
         data_dir = str(Path(data_dir).expanduser().resolve())
-    elif dataset == "imagefolder":
+    elif (dataset or TrainRequest.dataset) == "imagefolder":
         # The flow would look for ./data in the worker's directory, not where deploy runs.
         raise ValueError("--dataset imagefolder needs --data-dir DIR (train/<class>/<image>)")
-    # The flows' own up-front planning: model and dataset names, the image folder, config values.
-    overrides = _drop_none({"epochs": epochs})
-    plan_training(model=model, dataset=dataset, data_dir=data_dir, overrides=overrides)
-    plan_comparison(compare_models, dataset, data_dir=data_dir, overrides=overrides)
-
     common = _drop_none(
-        {
-            "dataset": dataset,
-            "data_dir": data_dir,
-            "epochs": epochs,
-            "train_timeout_seconds": train_timeout,
-        }
-    )
+        {"dataset": dataset, "data_dir": data_dir, "epochs": epochs,
+         "train_timeout_seconds": train_timeout}
+    )  # fmt: skip
+    train = TrainRequest(**common, **_drop_none({"model": model, "register_as": register_as}))
+    compare = CompareRequest(**common, **_drop_none({"models": models}))
+    # The flows' own up-front planning: model and dataset names, the image folder, config values.
+    plan_training(train)
+    plan_comparison(compare)
+
     nightly = DeploymentSpec(
         name=NIGHTLY_NAME,
         entrypoint=TRAIN_ENTRYPOINT,
         cron=nightly_cron,
         timezone=timezone,
-        parameters={"model": model, **common, **_drop_none({"register_as": register_as})},
-        description=f"Nightly training of {model} on {dataset}; moves `champion` if it improves.",
-        tags=(*TAGS, f"model:{model}", f"dataset:{dataset}"),
+        parameters={"request": train.parameters("model", "dataset")},
+        description=(
+            f"Nightly training of {train.model} on {train.dataset}; moves `champion` if it "
+            "improves."
+        ),
+        tags=(*TAGS, f"model:{train.model}", f"dataset:{train.dataset}"),
     )
     weekly = DeploymentSpec(
         name=WEEKLY_NAME,
         entrypoint=COMPARE_ENTRYPOINT,
         cron=weekly_cron,
         timezone=timezone,
-        parameters={"models": compare_models, **common},
-        description=f"Weekly comparison of {', '.join(compare_models)} on {dataset}.",
-        tags=(*TAGS, "compare", f"dataset:{dataset}"),
+        parameters={"request": compare.parameters("models", "dataset")},
+        description=f"Weekly comparison of {', '.join(compare.models)} on {compare.dataset}.",
+        tags=(*TAGS, "compare", f"dataset:{compare.dataset}"),
     )
     return [nightly, weekly]
 
@@ -227,17 +214,14 @@ def resolve_api_url(api_url: str | None) -> str:
 
 def check_api_reachable(api_url: str, timeout: float = 5.0) -> None:
     """One fast health request, so a wrong URL fails in seconds instead of after client retries."""
-    try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout) as resp:
-            if resp.status == 200:
-                return
-            problem = f"HTTP {resp.status}"
-    except (urllib.error.URLError, OSError) as exc:
-        problem = str(getattr(exc, "reason", exc))
-    raise ValueError(
-        f"Prefect server at {api_url!r} is unreachable ({problem}); start it with "
-        "infra/prefect-server.sh or fix --api-url / PREFECT_API_URL"
-    )
+    from tasks.common import health_problem
+
+    problem = health_problem(f"{api_url}/health", timeout)
+    if problem is not None:
+        raise ValueError(
+            f"Prefect server at {api_url!r} is unreachable ({problem}); start it with "
+            "infra/prefect-server.sh or fix --api-url / PREFECT_API_URL"
+        )
 
 
 def ensure_work_pool(name: str) -> bool:

@@ -26,11 +26,12 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks import gpu_limit, mlflow_utils, plots, registry
-from tasks.evaluate import artifact_key, evaluate_model
+from tasks.evaluate import artifact_key, evaluate_run
 from tasks.launch import JobSlots, LaunchSpec, kill_all_jobs, process_tags
-from tasks.plan import Overrides, plan_training
+from tasks.plan import plan_comparison, plan_training
 from tasks.prepare import prepare_for
-from tasks.register import register_model
+from tasks.register import register_version
+from tasks.request import CompareRequest, TrainRequest
 from tasks.train import train_model
 
 
@@ -41,15 +42,6 @@ def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
         yield
     finally:
         timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t0, 3)
-
-
-def _merge_overrides(overrides: Overrides, **shortcuts: Any) -> list[str] | dict[str, Any]:
-    """Shortcut parameters (epochs=..., lr=...) over the `key=value` overrides."""
-    from cnn.config import parse_overrides
-
-    merged = parse_overrides(overrides)
-    merged.update({k: v for k, v in shortcuts.items() if v is not None})
-    return merged
 
 
 def _flow_run_id() -> str:
@@ -89,11 +81,11 @@ def _evaluate_and_register(
     identity: registry.DataIdentity | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     with _stage(timings, "evaluate"):
-        metrics = evaluate_model(train_out, str(info.path), run_id, label=label, tracking_uri=uri)
+        metrics = evaluate_run(train_out, str(info.path), run_id, label=label, tracking_uri=uri)
     reg = None
     if register_name:
         with _stage(timings, "register"):
-            reg = register_model(
+            reg = register_version(
                 train_out["output_dir"],
                 str(info.path),
                 run_id,
@@ -181,72 +173,42 @@ def _record_run(
         )
 
 
+def _train_task(request: TrainRequest | CompareRequest) -> Any:
+    """The training task with the request's retries and timeout."""
+    return train_model.with_options(
+        retries=request.train_retries, timeout_seconds=request.train_timeout_seconds
+    )
+
+
 TRAIN_FLOW = "train-pipeline"
 
 
-@flow(name=TRAIN_FLOW, flow_run_name="{model}-{dataset}")
-def train_pipeline(
-    model: str = "lenet5",
-    dataset: str = "cifar10",
-    data_dir: str | None = None,
-    cache_dir: str | None = None,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    device: str | None = None,
-    pretrained: str | None = None,
-    freeze_backbone: bool | None = None,
-    recipe: str | None = None,
-    config_file: str | None = None,
-    overrides: list[str] | dict[str, Any] | None = None,
-    nproc_per_node: int = 1,
-    nnodes: int = 1,
-    node_rank: int | None = None,
-    rdzv_endpoint: str | None = None,
-    max_restarts: int = 0,
-    output_dir: str | None = None,
-    register_as: str | None = None,
-    to_registry: bool = True,
-    experiment: str | None = None,
-    tracking_uri: str | None = None,
-    train_retries: int = 1,
-    train_timeout_seconds: float | None = None,
-) -> dict[str, Any]:
+TRAIN_DEFAULTS = TrainRequest()
+
+
+@flow(name=TRAIN_FLOW, flow_run_name="{request.model}-{request.dataset}")
+def train_pipeline(request: TrainRequest = TRAIN_DEFAULTS) -> dict[str, Any]:
     """Prepare, train (torchrun), evaluate and register one model, all in ONE MLflow run whose
     id the training job logs into. Returns the `cnnpipe train --json` object."""
     started_at = time.time()
     timings: dict[str, float] = {}
     logger = get_run_logger()
-    with _stage(timings, "validate"):
-        # TrainConfig fields a deployment can set as plain parameters, over `overrides`.
-        shortcuts = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device,
-                     "pretrained": pretrained, "freeze_backbone": freeze_backbone}  # fmt: skip
-        cfg, launch = plan_training(
-            model=model,
-            dataset=dataset,
-            data_dir=data_dir,
-            cache_dir=cache_dir,
-            recipe=recipe,
-            config_file=config_file,
-            overrides=_merge_overrides(overrides, **shortcuts),
-            nproc_per_node=nproc_per_node,
-            nnodes=nnodes,
-            node_rank=node_rank,
-            rdzv_endpoint=rdzv_endpoint,
-            max_restarts=max_restarts,
-        )
+    with _stage(timings, "validate"):  # from the plan's memo when the CLI planned it
+        cfg, launch = plan_training(request)
     with _stage(timings, "tracking_check"):
-        uri = mlflow_utils.check_tracking(tracking_uri)  # before any work: fail fast
+        uri = mlflow_utils.check_tracking(request.tracking_uri)  # before any work: fail fast
     with _stage(timings, "prepare"):
         info, cached = prepare_for(cfg)
-    logger.info("dataset %s: %s (%s)", dataset, info.path, "cache hit" if cached else "prepared")
+    logger.info(
+        "dataset %s: %s (%s)", request.dataset, info.path, "cache hit" if cached else "prepared"
+    )
     identity = registry.data_identity(info, cfg.data_dir)
     flow_run_id = _flow_run_id()
     with _stage(timings, "mlflow_run"):
         # A retried or rescheduled flow run keeps its id: continue its MLflow run and output
         # directory, so the job resumes from its checkpoint (refused if the config changed).
         previous = mlflow_utils.find_flow_run_run(
-            flow_run_id, TRAIN_FLOW, experiment=experiment, uri=uri
+            flow_run_id, TRAIN_FLOW, experiment=request.experiment, uri=uri
         )
         if previous is not None:
             run_id = mlflow_utils.reopen_run(
@@ -256,7 +218,7 @@ def train_pipeline(
         else:
             run_id = mlflow_utils.start_run(
                 f"{cfg.model}-{identity.name}",
-                experiment=experiment,
+                experiment=request.experiment,
                 uri=uri,
                 description=_run_description(cfg, identity),
                 tags={
@@ -273,7 +235,7 @@ def train_pipeline(
             _record_run(run_id, info, identity, uri, cfg.model)
     try:
         out = (
-            output_dir
+            request.output_dir
             or (previous.data.tags.get("output_dir") if previous is not None else None)
             or str(Path("runs") / f"{cfg.model}-{info.dataset}-{run_id[:8]}")
         )
@@ -288,20 +250,21 @@ def train_pipeline(
             gpu_limit.host_gpus(_gpus_used(cfg, launch)),
             _training_log(Path(cfg.output_dir), flow_run_id),
         ):
-            train_out = train_model.with_options(
-                retries=train_retries, timeout_seconds=train_timeout_seconds
-            )(cfg, launch)
+            train_out = _train_task(request)(cfg, launch)
         timings["train_job"] = round(train_out["job_seconds"], 3)
         if not train_out["result"]:  # a non-main node of a multi-node job
             mlflow_utils.end_run(run_id, uri=uri)
-            return {"run_id": run_id, "output_dir": out, "node_rank": node_rank,
+            return {"run_id": run_id, "output_dir": out, "node_rank": request.node_rank,
                     "timings": timings, "started_at": started_at}  # fmt: skip
         with suppress(Exception):  # run.yaml/result.json as artifacts: nice to have
             mlflow_utils.log_run_files(run_id, cfg.output_dir, uri=uri)
-        name = registry.registered_name(cfg.model, identity, register_as, mlflow_utils.client(uri))
-        metrics, reg = _evaluate_and_register(
-            train_out, info, run_id, name if to_registry else None, timings, name, uri, identity
+        name = registry.registered_name(
+            cfg.model, identity, request.register_as, mlflow_utils.client(uri)
         )
+        metrics, reg = _evaluate_and_register(
+            train_out, info, run_id, name if request.to_registry else None, timings, name, uri,
+            identity,
+        )  # fmt: skip
         mlflow_utils.end_run(run_id, uri=uri)
     except BaseException as exc:
         _end_failed_run(run_id, exc, uri)
@@ -373,72 +336,30 @@ def _markdown_table(rows: list[dict[str, Any]], dataset: str, split: str = "test
     return "\n".join(lines)
 
 
-def _models_list(models: list[str] | str) -> list[str]:
-    names = [m.strip() for m in (models.split(",") if isinstance(models, str) else models)]
-    names = [m for m in names if m]
-    if not names:
-        raise ValueError("models is empty; give e.g. lenet5,resnet18_cifar")
-    if len(set(names)) != len(names):
-        raise ValueError(f"models lists a name twice: {names}")
-    return names
-
-
-def plan_comparison(
-    models: list[str] | str, dataset: str, **kwargs: Any
-) -> list[tuple[Any, LaunchSpec]]:
-    """Validate every model's config up front, so a typo in the 3rd model fails before the
-    1st trains."""
-    return [plan_training(model=m, dataset=dataset, **kwargs) for m in _models_list(models)]
+COMPARE_DEFAULTS = CompareRequest()
 
 
 @flow(
     name="compare-architectures",
-    flow_run_name="compare-{dataset}",
+    flow_run_name="compare-{request.dataset}",
     task_runner=ThreadPoolTaskRunner(max_workers=16),
 )
-def compare_architectures(
-    models: list[str] | str = ("lenet5", "resnet18_cifar", "densenet_cifar"),  # type: ignore[assignment]
-    dataset: str = "cifar10",
-    data_dir: str | None = None,
-    cache_dir: str | None = None,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    device: str | None = None,
-    recipe: str | None = None,
-    overrides: list[str] | dict[str, Any] | None = None,
-    nproc_per_node: int = 1,
-    max_concurrent: int | None = None,
-    to_registry: bool = False,
-    experiment: str | None = None,
-    tracking_uri: str | None = None,
-    output_dir: str | None = None,
-    train_retries: int = 1,
-    train_timeout_seconds: float | None = None,
-) -> dict[str, Any]:
+def compare_architectures(request: CompareRequest = COMPARE_DEFAULTS) -> dict[str, Any]:
     """Train several architectures on one dataset: one parent MLflow run, a child run per
     model, at most `max_concurrent` jobs at once (default: one per GPU, or 1 on CPU), and a
     comparison table (MLflow table + figure, Prefect artifacts, returned as JSON)."""
     t0 = time.perf_counter()
     logger = get_run_logger()
-    shortcuts = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device}
-    names = _models_list(models)
-    plans = plan_comparison(
-        names,
-        dataset,
-        data_dir=data_dir,
-        cache_dir=cache_dir,
-        recipe=recipe,
-        overrides=_merge_overrides(overrides, **shortcuts),
-        nproc_per_node=nproc_per_node,
-    )
-    uri = mlflow_utils.check_tracking(tracking_uri)
+    plans = plan_comparison(request)  # from the plan's memo when the CLI planned it
+    names = list(request.models)
+    recipe, nproc_per_node = request.recipe, request.nproc_per_node
+    uri = mlflow_utils.check_tracking(request.tracking_uri)
     info, _ = prepare_for(plans[0][0])
-    slots = JobSlots.for_host(max_concurrent, gpus_per_job=nproc_per_node)
+    slots = JobSlots.for_host(request.max_concurrent, gpus_per_job=nproc_per_node)
     first_cfg = plans[0][0]
     parent = mlflow_utils.start_run(
         f"compare-{info.dataset}",
-        experiment=experiment,
+        experiment=request.experiment,
         uri=uri,
         description=(
             f"Comparison of {', '.join(names)} on {info.dataset}, {first_cfg.epochs} epochs "
@@ -449,11 +370,11 @@ def compare_architectures(
             "dataset": info.dataset,
             "epochs": first_cfg.epochs,
             "recipe": recipe or "per-model",
-            "batch_size": batch_size,
-            "lr": lr,
-            "device": device,
+            "batch_size": request.batch_size,
+            "lr": request.lr,
+            "device": request.device,
             "nproc_per_node": nproc_per_node,
-            "max_concurrent": max_concurrent,
+            "max_concurrent": request.max_concurrent,
         },
         tags={
             "dataset": info.dataset,
@@ -463,7 +384,8 @@ def compare_architectures(
         },
     )
     logger.info("comparing %s on %s, %d job(s) at a time", names, info.dataset, slots.max_jobs)
-    base = Path(output_dir or Path("runs") / f"compare-{info.dataset}-{parent[:8]}").resolve()
+    default_base = Path("runs") / f"compare-{info.dataset}-{parent[:8]}"
+    base = Path(request.output_dir or default_base).resolve()
     rows: dict[str, dict[str, Any]] = {}
     futures: dict[Any, Any] = {}
     children: dict[str, str] = {}
@@ -474,7 +396,7 @@ def compare_architectures(
         for cfg, launch in plans:
             child = mlflow_utils.start_run(
                 f"{cfg.model}-{info.dataset}",
-                experiment=experiment,
+                experiment=request.experiment,
                 uri=uri,
                 parent_run_id=parent,
                 tags={
@@ -487,10 +409,7 @@ def compare_architectures(
             cfg = cfg.replace(
                 output_dir=str(base / cfg.model), mlflow_run_id=child, mlflow_tracking_uri=uri
             )
-            train = train_model.with_options(
-                retries=train_retries, timeout_seconds=train_timeout_seconds
-            )
-            fut = train.submit(cfg, launch, slots)
+            fut = _train_task(request).submit(cfg, launch, slots)
             futures[fut] = cfg
             children[cfg.model] = child
             rows[cfg.model] = {"model": cfg.model, "run_id": child, "status": "running"}
@@ -503,7 +422,7 @@ def compare_architectures(
                 identity = registry.data_identity(info, cfg.data_dir)
                 name = (
                     registry.registered_name(cfg.model, identity, None, mlflow_utils.client(uri))
-                    if to_registry
+                    if request.to_registry
                     else None
                 )
                 label = f"{cfg.model}-{identity.name}"

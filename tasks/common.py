@@ -1,4 +1,5 @@
-"""Shared bits of the Prefect tasks: the I/O-only retry condition."""
+"""Shared bits of the tasks and flows: the I/O-only retry condition and the one HTTP health
+check (stdlib only, imported lazily, so the CLI can ask before importing mlflow or Prefect)."""
 
 from __future__ import annotations
 
@@ -25,3 +26,16 @@ def retry_on_io_error(task: Any, task_run: Any, state: Any) -> bool:
         except BaseException as raised:  # noqa: BLE001 - inspecting the failure, not handling
             exc = raised
     return is_io_error(exc)
+
+
+def health_problem(url: str, timeout: float = 5.0) -> str | None:
+    """None when `url` answers HTTP 200 within `timeout` seconds, else what went wrong (one
+    request, no retries: callers decide whether to wait or to fail with their own fix)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return None if resp.status == 200 else f"HTTP {resp.status}"
+    except (urllib.error.URLError, OSError) as exc:
+        return str(getattr(exc, "reason", exc))

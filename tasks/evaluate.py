@@ -156,7 +156,7 @@ def _task() -> Any:
     from tasks.common import retry_on_io_error
 
     return task(
-        name="evaluate-model",
+        name="evaluate-run",
         cache_policy=NONE,
         retries=2,
         retry_delay_seconds=2,
@@ -165,6 +165,6 @@ def _task() -> Any:
 
 
 def __getattr__(name: str) -> Any:
-    if name == "evaluate_model":
+    if name == "evaluate_run":
         return _task()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

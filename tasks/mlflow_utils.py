@@ -1,32 +1,26 @@
-"""MLflow side of the pipeline: tracking URI, fail-fast connectivity, runs, model logging and the
-`champion` alias. Plain functions (the Prefect tasks wrap them); mlflow is imported lazily so the
-CLI's fast paths do not pay for it.
+"""MLflow side of the pipeline: tracking URI, fail-fast connectivity, runs and model logging
+(registering a version and the `champion` rule are `tasks.registry`'s). Plain functions (the
+Prefect tasks wrap them); mlflow is imported lazily so the CLI's fast paths do not pay for it.
 
 Local default: `sqlite:///<cwd>/mlflow.db` (see `cnn.tracking.tracking_uri`), which `mlflow ui`
 started in the same folder shows. SQLite needs care with several pipelines at once: creating the
 schema is not safe to race (two processes both run the migrations and one fails), and two
 processes moving the alias could interleave. Both happen under an exclusive file lock next to the
-database file; ordinary writes rely on SQLite's own locking.
+database file (`store_lock`); ordinary writes rely on SQLite's own locking.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from cnn.tracking import tracking_uri as _default_tracking_uri
 
-CHAMPION = "champion"
 DEFAULT_EXPERIMENT = "cnnpipe"
-ACCURACY_TAG = "test_accuracy"
-DECISION_TAG = "champion_decision"
 
 
 class TrackingUnavailableError(ConnectionError):
@@ -74,18 +68,15 @@ def check_reachable(uri: str | None = None, timeout: float = 5.0) -> str:
     instead of MLflow's minutes of HTTP retries after training has already run."""
     uri = resolve_tracking_uri(uri)
     if urlparse(uri).scheme in ("http", "https"):
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:
-                if resp.status != 200:
-                    raise urllib.error.URLError(f"HTTP {resp.status}")
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
+        from tasks.common import health_problem
+
+        problem = health_problem(uri.rstrip("/") + "/health", timeout)
+        if problem is not None:
             raise TrackingUnavailableError(
-                f"MLflow tracking server {uri} is unreachable ({reason}); start it (see "
+                f"MLflow tracking server {uri} is unreachable ({problem}); start it (see "
                 "infra/README.md) or unset MLFLOW_TRACKING_URI to use the local "
                 "sqlite:///mlflow.db store"
-            ) from None
+            )
     return uri
 
 
@@ -467,106 +458,6 @@ def log_model(
             flavor_name="pyfunc.ModelFromCode",
         )
     return info.model_uri
-
-
-# -------------------------------------------------------------------- registry
-
-
-@dataclass
-class Registration:
-    name: str
-    version: str
-    champion: bool
-    reason: str
-    reused: bool  # the run already had a version (a retried task): nothing new was registered
-    previous_champion: str | None = None  # the version that held `champion` before this call
-
-    @property
-    def champion_moved(self) -> bool:
-        """The alias now points at a different version than before (worth an event)."""
-        return self.champion and self.previous_champion != self.version
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "champion_moved": self.champion_moved}
-
-
-def registered_name(model: str, dataset: str, register_as: str | None = None) -> str:
-    """`<model>-<dataset>` unless the user named it (image folders: see
-    `tasks.registry.registered_name`, which names them after the folder)."""
-    return register_as or f"{model}-{dataset}"
-
-
-def _version_accuracy(mv: Any, c: Any) -> float | None:
-    """A version's test accuracy: its tag, else its run's `test_accuracy` metric."""
-    tag = (mv.tags or {}).get(ACCURACY_TAG)
-    if tag is not None:
-        try:
-            return float(tag)
-        except ValueError:
-            pass
-    if mv.run_id:
-        value = c.get_run(mv.run_id).data.metrics.get("test_accuracy")
-        return None if value is None else float(value)
-    return None
-
-
-def register_version(
-    model_uri: str,
-    *,
-    name: str,
-    run_id: str,
-    test_accuracy: float,
-    identity: Any = None,
-    uri: str | None = None,
-) -> Registration:
-    """Register `model_uri` as a version of `name` (once per run) and move `champion` to it only
-    if it was evaluated on the same data as the current champion (`tasks.registry`) and its
-    test accuracy is higher; the decision is a version tag. `identity` is the
-    `tasks.registry.DataIdentity` of the training data."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from tasks import registry
-
-    uri = resolve_tracking_uri(uri)
-    mlflow.set_tracking_uri(uri)  # register_model uses the process default
-    c = client(uri)
-    identity_tags = identity.tags() if identity is not None else {}
-    with store_lock(uri):
-        existing = c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-        reused = bool(existing)
-        if reused:
-            mv = sorted(existing, key=lambda v: int(v.version))[0]
-        else:
-            tags = {ACCURACY_TAG: f"{test_accuracy:.6f}", "run_id": run_id, **identity_tags}
-            mv = mlflow.register_model(model_uri, name, tags=tags)
-            rm_tags = c.get_registered_model(name).tags or {}
-            for key in (registry.NAME_TAG, registry.FOLDER_TAG, registry.SOURCE_TAG):
-                if key in identity_tags and key not in rm_tags:  # who owns this name
-                    c.set_registered_model_tag(name, key, identity_tags[key])
-        try:
-            current = c.get_model_version_by_alias(name, CHAMPION)
-        except MlflowException:
-            current = None
-        if reused and current is not None and str(current.version) == str(mv.version):
-            decision = registry.ChampionDecision(
-                True, (mv.tags or {}).get(DECISION_TAG) or "already the champion"
-            )
-        else:
-            decision = registry.decide(
-                name=name,
-                version=str(mv.version),
-                accuracy=test_accuracy,
-                identity_tags=dict(mv.tags or {}) | identity_tags,
-                current_version=None if current is None else str(current.version),
-                current_tags=None if current is None else dict(current.tags or {}),
-                current_accuracy=None if current is None else _version_accuracy(current, c),
-            )
-        if decision.champion:
-            c.set_registered_model_alias(name, CHAMPION, str(mv.version))
-        c.set_model_version_tag(name, str(mv.version), DECISION_TAG, decision.reason)
-    previous = None if current is None else str(current.version)
-    return Registration(name, str(mv.version), decision.champion, decision.reason, reused, previous)
 
 
 # -------------------------------------------------------------------- model loading

@@ -12,8 +12,9 @@ Prefect's API starts and before anything is written anywhere. Two stages:
    `weights_only=True`, fits the architecture), a pretrained weights name (in the torch hub
    cache, or its host resolves).
 
-The flow calls `plan_training` again (deployments skip the CLI); within one process the second
-call with the same arguments is answered from a memo, so validation is not done twice.
+Input is the flow's one request (`tasks.request`). The flow plans its request again
+(deployments skip the CLI); within one process the CLI's plan of the same request is answered
+from a memo, so validation is done once.
 """
 
 from __future__ import annotations
@@ -27,15 +28,14 @@ import json
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from cnn.config import RECIPES_DIR, TrainConfig, find_recipe, parse_overrides, resolve_config
+from cnn.config import RECIPES_DIR, TrainConfig, find_recipe, resolve_config
 from tasks.launch import LaunchSpec
-
-Overrides = Iterable[str] | dict[str, Any] | None
+from tasks.request import CompareRequest, TrainRequest
 
 MODELS_TABLE = Path(__file__).with_name("models_table.json")
 # Training-split sizes of the downloadable datasets (before the validation hold-out).
@@ -510,73 +510,58 @@ _MEMO: dict[str, tuple[TrainConfig, LaunchSpec]] = {}
 
 
 def plan_training(
-    *,
-    model: str,
-    dataset: str,
-    data_dir: str | None = None,
-    cache_dir: str | None = None,
-    recipe: str | None = None,
-    config_file: str | None = None,
-    overrides: Overrides = None,
-    nproc_per_node: int = 1,
-    nnodes: int = 1,
-    node_rank: int | None = None,
-    rdzv_endpoint: str | None = None,
-    max_restarts: int = 0,
-    after_quick_checks: Callable[[], None] | None = None,
+    request: TrainRequest, *, after_quick_checks: Callable[[], None] | None = None
 ) -> tuple[TrainConfig, LaunchSpec]:
     """Resolve and validate the run's config and its torchrun launch (raises ValueError /
     FileNotFoundError naming the bad value and the fix; nothing is written).
     `after_quick_checks` runs between the torch-free checks and those that import torch: the
     CLI starts Prefect's API server there, so its boot overlaps the slow imports while typos
     still fail before any of it."""
-    over = parse_overrides(overrides)
-    memo_key = json.dumps(
-        [model, dataset, data_dir, cache_dir, recipe, config_file, over, nproc_per_node, nnodes,
-         node_rank, rdzv_endpoint, max_restarts, os.getcwd()],
-        sort_keys=True, default=str,
-    )  # fmt: skip
+    memo_key = json.dumps([dataclasses.asdict(request), os.getcwd()], sort_keys=True, default=str)
     if memo_key in _MEMO:
         cfg, launch = _MEMO[memo_key]
         return copy.deepcopy(cfg), launch
+    request.check()
+    over = request.config_overrides()
     launch = LaunchSpec(
-        nproc_per_node=nproc_per_node,
-        nnodes=nnodes,
-        node_rank=node_rank,
-        rdzv_endpoint=rdzv_endpoint,
-        max_restarts=max_restarts,
+        nproc_per_node=request.nproc_per_node,
+        nnodes=request.nnodes,
+        node_rank=request.node_rank,
+        rdzv_endpoint=request.rdzv_endpoint,
+        max_restarts=request.max_restarts,
     )
     launch.validate()
     extra: dict[str, Any] = {
-        "nproc_per_node": nproc_per_node,
-        "nnodes": nnodes,
-        "rdzv_endpoint": rdzv_endpoint,
-        "max_restarts": max_restarts,
+        "nproc_per_node": request.nproc_per_node,
+        "nnodes": request.nnodes,
+        "rdzv_endpoint": request.rdzv_endpoint,
+        "max_restarts": request.max_restarts,
     }
-    if data_dir is not None:
-        extra["data_dir"] = data_dir
-    if cache_dir is not None:
-        extra["cache_dir"] = cache_dir
+    if request.data_dir is not None:
+        extra["data_dir"] = request.data_dir
+    if request.cache_dir is not None:
+        extra["cache_dir"] = request.cache_dir
     # Stage 1, no torch: names from the table, the recipe decided from the table.
+    model, dataset, recipe = request.model, request.dataset, request.recipe
     name = str(over.get("model") or model)
     check_model_name(name)
     check_dataset_name(str(over.get("dataset") or dataset))
     if recipe:
         find_recipe(name, dataset, recipe)  # an explicit unknown recipe: named now
-    elif not config_file and "recipe" not in over:
+    elif not request.config_file and "recipe" not in over:
         recipe = recipe_for(name, _dataset_key(str(over.get("dataset") or dataset)))
     cfg = resolve_config(
         model=model,
         dataset=dataset,
         recipe=recipe,
-        config_file=config_file,
+        config_file=request.config_file,
         overrides={**extra, **over},
         validate=False,
     )
     check_model_name(cfg.model)
     key = check_dataset_name(cfg.dataset)
-    _validate_values(cfg, nproc_per_node, nnodes)
-    world = nproc_per_node * nnodes
+    _validate_values(cfg, launch.nproc_per_node, launch.nnodes)
+    world = launch.nproc_per_node * launch.nnodes
     if key == "imagefolder":
         folder = count_imagefolder(cfg.data_dir)
         where = f"{folder.root / 'train'}" + (
@@ -595,10 +580,19 @@ def plan_training(
     if after_quick_checks is not None:
         after_quick_checks()
     # Stage 2: checks that need torch (validate's device/model part, weights).
-    cfg.validate(nproc_per_node=nproc_per_node, nnodes=nnodes)
+    cfg.validate(nproc_per_node=launch.nproc_per_node, nnodes=launch.nnodes)
     check_pretrained(cfg)
     _MEMO[memo_key] = (copy.deepcopy(cfg), launch)
     return cfg, launch
+
+
+def plan_comparison(request: CompareRequest) -> list[tuple[TrainConfig, LaunchSpec]]:
+    """Every model's plan up front, so a typo in the 3rd model fails before the 1st trains:
+    the request and all names first, then each model's config and data."""
+    request.check()
+    for name in request.models:
+        check_model_name(name)
+    return [plan_training(request.for_model(name)) for name in request.models]
 
 
 def split_available(dataset: str, data_dir: str | Path, split: str) -> None:

@@ -19,7 +19,7 @@ CHAMPION_EVENT = "cnnpipe.champion.moved"
 
 
 def emit_champion_event(
-    reg: mlflow_utils.Registration, model_uri: str, run_id: str, test_accuracy: float
+    reg: registry.Registration, model_uri: str, run_id: str, test_accuracy: float
 ) -> None:
     """A Prefect event when `champion` moves, so an automation can deploy or notify (see
     infra/README.md). Resource: the registered model; payload: old and new version."""
@@ -45,13 +45,13 @@ def emit_champion_event(
 
 
 @task(
-    name="register-model",
+    name="register-version",
     cache_policy=NONE,
     retries=2,
     retry_delay_seconds=2,
     retry_condition_fn=retry_on_io_error,
 )
-def register_model(
+def register_version(
     output_dir: str,
     prepared_path: str,
     run_id: str,
@@ -71,7 +71,7 @@ def register_model(
     example = images[:2].numpy()
     model_uri = mlflow_utils.log_model(run_id, model, example, uri=tracking_uri)
     identity = registry.DataIdentity.from_dict(data_identity) if data_identity else None
-    reg = mlflow_utils.register_version(
+    reg = registry.register(
         model_uri,
         name=name,
         run_id=run_id,

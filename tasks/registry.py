@@ -13,7 +13,9 @@ Two questions decide where a trained model lands in the MLflow registry:
    every CIFAR image.
 
 Each version carries its data identity as `data.*` tags, so the rule can be re-checked later and
-the MLflow UI shows what a version was trained on. Plain functions, no Prefect.
+the MLflow UI shows what a version was trained on. `register` applies the rule in the registry
+(a version per run, the alias, the decision as a tag). Plain functions, no Prefect; mlflow is
+imported lazily.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+CHAMPION = "champion"
+ACCURACY_TAG = "test_accuracy"
+DECISION_TAG = "champion_decision"
 TAG_PREFIX = "data."
 NAME_TAG = "data.name"
 SOURCE_TAG = "data.source_hash"
@@ -185,3 +190,94 @@ def decide(
         f"{metric} {accuracy:.4f} does not beat champion v{current_version} ({cmp}) on split "
         f"{split}; alias unchanged",
     )
+
+
+def champion_accuracy(mv: Any, c: Any) -> float | None:
+    """A version's test accuracy: its tag, else its run's `test_accuracy` metric."""
+    tag = (mv.tags or {}).get(ACCURACY_TAG)
+    if tag is not None:
+        try:
+            return float(tag)
+        except ValueError:
+            pass
+    if mv.run_id:
+        value = c.get_run(mv.run_id).data.metrics.get("test_accuracy")
+        return None if value is None else float(value)
+    return None
+
+
+@dataclass
+class Registration:
+    """What `register` did: the version, whether it holds `champion`, and why."""
+
+    name: str
+    version: str
+    champion: bool
+    reason: str
+    reused: bool  # the run already had a version (a retried task): nothing new was registered
+    previous_champion: str | None = None  # the version that held `champion` before this call
+
+    @property
+    def champion_moved(self) -> bool:
+        """The alias now points at a different version than before (worth an event)."""
+        return self.champion and self.previous_champion != self.version
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "champion_moved": self.champion_moved}
+
+
+def register(
+    model_uri: str,
+    *,
+    name: str,
+    run_id: str,
+    test_accuracy: float,
+    identity: DataIdentity | None = None,
+    uri: str | None = None,
+) -> Registration:
+    """Register `model_uri` as a version of `name` (once per run) and move `champion` to it
+    when `decide` says so; the decision is a version tag. `identity` is the training data's."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from tasks import mlflow_utils
+
+    uri = mlflow_utils.resolve_tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)  # mlflow.register_model uses the process default
+    c = mlflow_utils.client(uri)
+    identity_tags = identity.tags() if identity is not None else {}
+    with mlflow_utils.store_lock(uri):
+        existing = c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        reused = bool(existing)
+        if reused:
+            mv = sorted(existing, key=lambda v: int(v.version))[0]
+        else:
+            tags = {ACCURACY_TAG: f"{test_accuracy:.6f}", "run_id": run_id, **identity_tags}
+            mv = mlflow.register_model(model_uri, name, tags=tags)
+            rm_tags = c.get_registered_model(name).tags or {}
+            for key in (NAME_TAG, FOLDER_TAG, SOURCE_TAG):
+                if key in identity_tags and key not in rm_tags:  # who owns this name
+                    c.set_registered_model_tag(name, key, identity_tags[key])
+        try:
+            current = c.get_model_version_by_alias(name, CHAMPION)
+        except MlflowException:
+            current = None
+        if reused and current is not None and str(current.version) == str(mv.version):
+            decision = ChampionDecision(
+                True, (mv.tags or {}).get(DECISION_TAG) or "already the champion"
+            )
+        else:
+            decision = decide(
+                name=name,
+                version=str(mv.version),
+                accuracy=test_accuracy,
+                identity_tags=dict(mv.tags or {}) | identity_tags,
+                current_version=None if current is None else str(current.version),
+                current_tags=None if current is None else dict(current.tags or {}),
+                current_accuracy=None if current is None else champion_accuracy(current, c),
+            )
+        if decision.champion:
+            c.set_registered_model_alias(name, CHAMPION, str(mv.version))
+        c.set_model_version_tag(name, str(mv.version), DECISION_TAG, decision.reason)
+    previous = None if current is None else str(current.version)
+    return Registration(name, str(mv.version), decision.champion, decision.reason, reused, previous)

@@ -32,3 +32,18 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Keep tests away from the user's MLflow store and torch hub cache."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture()
+def mlflow_store(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """A fresh SQLite MLflow store (a copy of the migrated template: migrating costs seconds),
+    made the process default; its artifacts (./mlruns) land in tmp_path."""
+    from flows_helpers import copy_store, mlflow_template
+
+    from tasks import mlflow_utils
+
+    monkeypatch.chdir(tmp_path)
+    uri = copy_store(mlflow_template(tmp_path_factory.getbasetemp()), tmp_path)
+    return mlflow_utils.check_tracking(uri)

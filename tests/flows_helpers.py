@@ -1,5 +1,7 @@
 """Helpers shared by the flow/CLI/MLflow tests: a tiny learnable dataset, a pre-migrated MLflow
-SQLite store to copy (creating one costs seconds), and running `cnnpipe` as a real process."""
+SQLite store to copy (creating one costs seconds; `conftest.mlflow_store` uses it), running
+`cnnpipe` as a real process, and a tiny classifier logged and registered as the register task
+does."""
 
 from __future__ import annotations
 
@@ -10,9 +12,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fakedata import make_imagefolder
+
+if TYPE_CHECKING:
+    from cnn.export import ImageClassifier
+    from tasks.registry import DataIdentity, Registration
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("ants", "bees", "wasps")
@@ -89,3 +95,46 @@ def mlflow_counts(uri: str) -> dict[str, int]:
     runs = c.search_runs(exps) if exps else []
     versions = c.search_model_versions()
     return {"runs": len(runs), "versions": len(versions)}
+
+
+def tiny_classifier(
+    classes: list[str], name: str = "lenet5", pretrained: str | None = None
+) -> ImageClassifier:
+    """An untrained (seeded) classifier of the registry's `name` with its own preprocessing."""
+    import torch
+
+    from cnn.export import ImageClassifier
+    from cnn.models import get_model, model_info
+
+    torch.manual_seed(0)
+    info = model_info(name)
+    net = get_model(name, num_classes=len(classes), pretrained=pretrained)
+    return ImageClassifier(
+        net, classes=classes, input_size=info.input_size, resize_size=info.resize_size,
+        mean=info.mean, std=info.std, info={"model": name},
+    )  # fmt: skip
+
+
+def log_and_register(
+    store: str,
+    name: str,
+    clf: ImageClassifier,
+    accuracy: float = 0.5,
+    *,
+    identity: DataIdentity | None = None,
+    run: str | None = None,
+    example: Any = None,
+) -> Registration:
+    """Log `clf` to `run` (a new run by default) and register it as a version of `name`, as
+    the register task does."""
+    import numpy as np
+
+    from tasks import mlflow_utils, registry
+
+    run = run or mlflow_utils.start_run(f"{name}-{accuracy}", uri=store)
+    if example is None:
+        example = np.random.default_rng(0).integers(0, 256, (1, 3, 40, 36), dtype=np.uint8)
+    model_uri = mlflow_utils.log_model(run, clf, example, uri=store)
+    return registry.register(
+        model_uri, name=name, run_id=run, test_accuracy=accuracy, identity=identity, uri=store
+    )

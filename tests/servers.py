@@ -15,12 +15,11 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tasks.common import health_problem
 from tasks.launch import kill_tree, process_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,13 +99,10 @@ def wait_http_ok(server: ServerProcess, health_url: str, *, timeout: float) -> f
                 f"{server.name} exited with code {server.proc.returncode} before it was healthy."
                 f"\n--- log tail ---\n{server.log_tail()}"
             )
-        try:
-            with urllib.request.urlopen(health_url, timeout=2) as resp:
-                if resp.status == 200:
-                    return time.monotonic() - start
-                last_error = f"HTTP {resp.status}"
-        except (urllib.error.URLError, OSError) as exc:
-            last_error = str(exc)
+        problem = health_problem(health_url, timeout=2)
+        if problem is None:
+            return time.monotonic() - start
+        last_error = problem
         time.sleep(0.3)
     raise TimeoutError(
         f"{server.name} was not healthy at {health_url} within {timeout:.0f}s ({last_error})."

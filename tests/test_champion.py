@@ -5,27 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
 from fakedata import make_imagefolder
-from flows_helpers import copy_store, mlflow_template
+from flows_helpers import log_and_register, tiny_classifier
 
 from cnn.data import prepare_dataset
-from cnn.export import ImageClassifier
-from cnn.models import get_model
-from tasks import mlflow_utils, registry
+from tasks import registry
 
 CIFAR = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-
-
-@pytest.fixture()
-def store(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
-) -> str:
-    monkeypatch.chdir(tmp_path)  # artifacts (./mlruns) land in tmp_path
-    uri = copy_store(mlflow_template(tmp_path_factory.getbasetemp()), tmp_path)
-    return mlflow_utils.check_tracking(uri)
 
 
 def _prepared(root: Path, classes: tuple[str, ...], seed: int = 0) -> tuple[object, Path]:
@@ -36,23 +22,16 @@ def _prepared(root: Path, classes: tuple[str, ...], seed: int = 0) -> tuple[obje
 
 def _register(
     store: str, name: str, identity: registry.DataIdentity, acc: float
-) -> mlflow_utils.Registration:
-    torch.manual_seed(0)
-    classes = list(identity.classes)
-    model = ImageClassifier(get_model("lenet5", num_classes=len(classes)), classes=classes,
-                            input_size=32, mean=[0.5] * 3, std=[0.25] * 3)  # fmt: skip
-    run = mlflow_utils.start_run(f"{name}-{acc}", uri=store)
-    example = np.zeros((1, 3, 32, 32), dtype=np.uint8)
-    uri = mlflow_utils.log_model(run, model, example, uri=store)
-    return mlflow_utils.register_version(
-        uri, name=name, run_id=run, test_accuracy=acc, identity=identity, uri=store
+) -> registry.Registration:
+    return log_and_register(
+        store, name, tiny_classifier(list(identity.classes)), acc, identity=identity
     )
 
 
-def test_names_identify_the_data(tmp_path: Path, store: str) -> None:
+def test_names_identify_the_data(tmp_path: Path, mlflow_store: str) -> None:
     import mlflow
 
-    c = mlflow.MlflowClient(store)
+    c = mlflow.MlflowClient(mlflow_store)
     bees_info, bees = _prepared(tmp_path / "hymenoptera_data", ("ants", "bees"))
     cifar_info, cifar = _prepared(tmp_path / "cifar_photos", CIFAR)
     bees_id = registry.data_identity(bees_info, bees)
@@ -67,7 +46,7 @@ def test_names_identify_the_data(tmp_path: Path, store: str) -> None:
     assert registry.registered_name("lenet5", builtin, None, c) == "lenet5-cifar10"
 
     # Two folders with the same name: the second one gets its short content hash.
-    _register(store, "lenet5-hymenoptera_data", bees_id, 0.6)
+    _register(mlflow_store, "lenet5-hymenoptera_data", bees_id, 0.6)
     other_info, other = _prepared(tmp_path / "elsewhere" / "hymenoptera_data", ("ants", "bees"), 1)
     other_id = registry.data_identity(other_info, other)
     assert other_id.source_hash != bees_id.source_hash
@@ -79,20 +58,20 @@ def test_names_identify_the_data(tmp_path: Path, store: str) -> None:
     assert registry.registered_name("lenet5", bees_id, None, c) == "lenet5-hymenoptera_data"
 
 
-def test_ants_bees_cannot_take_cifars_champion(tmp_path: Path, store: str) -> None:
+def test_ants_bees_cannot_take_cifars_champion(tmp_path: Path, mlflow_store: str) -> None:
     """The issue's case: a 2-class ants/bees model at 62.75% registered under the name of a
     10-class CIFAR model at 57.76% must not become that name's champion."""
     import mlflow
 
-    c = mlflow.MlflowClient(store)
+    c = mlflow.MlflowClient(mlflow_store)
     cifar_info, cifar = _prepared(tmp_path / "cifar_photos", CIFAR)
     bees_info, bees = _prepared(tmp_path / "hymenoptera_data", ("ants", "bees"))
     cifar_id = registry.data_identity(cifar_info, cifar)
     bees_id = registry.data_identity(bees_info, bees)
 
-    first = _register(store, "lenet5-shared", cifar_id, 0.5776)
+    first = _register(mlflow_store, "lenet5-shared", cifar_id, 0.5776)
     assert first.champion and first.champion_moved
-    intruder = _register(store, "lenet5-shared", bees_id, 0.6275)
+    intruder = _register(mlflow_store, "lenet5-shared", bees_id, 0.6275)
     assert not intruder.champion and not intruder.champion_moved
     assert "not comparable with champion v1" in intruder.reason
     assert "class list differs (2 vs 10 classes)" in intruder.reason
@@ -104,13 +83,13 @@ def test_ants_bees_cannot_take_cifars_champion(tmp_path: Path, store: str) -> No
     assert tags[registry.CLASSES_TAG] == bees_id.classes_hash
 
     # Same data, better accuracy: the alias moves, and the registration says from where.
-    better = _register(store, "lenet5-shared", cifar_id, 0.60)
+    better = _register(mlflow_store, "lenet5-shared", cifar_id, 0.60)
     assert better.champion and better.previous_champion == "1" and better.champion_moved
     assert str(c.get_model_version_by_alias("lenet5-shared", "champion").version) == "3"
 
     # Same classes and source but another evaluation split: not comparable either.
     other_split = registry.DataIdentity(**{**cifar_id.to_dict(), "eval_split": "test,n=99"})
-    moved = _register(store, "lenet5-shared", other_split, 0.99)
+    moved = _register(mlflow_store, "lenet5-shared", other_split, 0.99)
     assert not moved.champion and "evaluation split" in moved.reason
 
 

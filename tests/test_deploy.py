@@ -123,13 +123,16 @@ def test_plan_uses_defaults_and_pins_data_dir(tmp_path: Path) -> None:
     )
     assert (nightly.name, nightly.cron, nightly.timezone) == ("nightly-train", "0 2 * * *", "UTC")
     assert (weekly.name, weekly.cron) == ("weekly-compare", "0 4 * * 0")
+    default = inspect.signature(train_pipeline.fn).parameters["request"].default
     assert nightly.parameters == {
-        "model": inspect.signature(train_pipeline.fn).parameters["model"].default,
-        "dataset": "imagefolder",
-        "data_dir": str(data.resolve()),
-        "epochs": 2,
+        "request": {
+            "model": default.model,
+            "dataset": "imagefolder",
+            "data_dir": str(data.resolve()),
+            "epochs": 2,
+        }
     }  # register_as=None is not stored: the flow's default applies
-    assert weekly.parameters["models"] == ["lenet5"]
+    assert weekly.parameters["request"]["models"] == ["lenet5"]
 
 
 def test_deployments_queue_carry_a_timeout_and_are_tagged(tmp_path: Path) -> None:
@@ -141,8 +144,8 @@ def test_deployments_queue_carry_a_timeout_and_are_tagged(tmp_path: Path) -> Non
         train_timeout=3600,
     )  # fmt: skip
     assert nightly.concurrency_limit == weekly.concurrency_limit == 1
-    assert nightly.parameters["train_timeout_seconds"] == 3600
-    assert weekly.parameters["train_timeout_seconds"] == 3600
+    assert nightly.parameters["request"]["train_timeout_seconds"] == 3600
+    assert weekly.parameters["request"]["train_timeout_seconds"] == 3600
     assert {"cnnpipe", "model:lenet5", "dataset:imagefolder"} <= set(nightly.tags)
     for spec in (nightly, weekly):  # the flows take the parameter
         deploy.check_parameters(deploy.load_flow(str(REPO), spec.entrypoint), spec)
@@ -161,8 +164,8 @@ def test_weekly_comparison_defaults_to_the_flows_model_list() -> None:
     from flows.pipeline import compare_architectures
 
     _, weekly = deploy.plan_deployments(dataset="cifar10")
-    default = inspect.signature(compare_architectures.fn).parameters["models"].default
-    assert weekly.parameters["models"] == list(default)
+    default = inspect.signature(compare_architectures.fn).parameters["request"].default.models
+    assert weekly.parameters["request"]["models"] == list(default)
 
 
 def test_imagefolder_without_train_split_is_rejected(tmp_path: Path) -> None:
@@ -292,9 +295,9 @@ def test_deployments_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
             assert all(s.active for s in nightly.schedules + weekly.schedules)
             assert nightly.schedules[0].schedule.timezone == "UTC"
             assert nightly.work_pool_name == weekly.work_pool_name == POOL
-            assert nightly.parameters["model"] == "lenet5"
-            assert nightly.parameters["data_dir"] == str(data.resolve())
-            assert weekly.parameters["models"] == ["lenet5"]
+            assert nightly.parameters["request"]["model"] == "lenet5"
+            assert nightly.parameters["request"]["data_dir"] == str(data.resolve())
+            assert weekly.parameters["request"]["models"] == ["lenet5"]
             assert nightly.job_variables["env"]["MLFLOW_TRACKING_URI"] == mlflow.url
             # A late run queues behind the running one. The server keeps a limit given with a
             # collision strategy as a global concurrency limit, so read it from there.
@@ -322,7 +325,15 @@ def test_deployments_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
             t = time.monotonic()
             flow_run = run_deployment(
                 names["nightly-train"],
-                parameters={"batch_size": 8, "output_dir": str(tmp_path / "run")},
+                # The run's request: the deployment's, with two fields changed (a flow run's
+                # parameters replace the deployment's per name, so the request is given whole).
+                parameters={
+                    "request": {
+                        **nightly.parameters["request"],
+                        "batch_size": 8,
+                        "output_dir": str(tmp_path / "run"),
+                    }
+                },  # fmt: skip
                 timeout=240,
                 poll_interval=2,
                 as_subflow=False,

@@ -54,6 +54,7 @@ def pipeline_run(
     import threading
 
     from flows.pipeline import train_pipeline
+    from tasks.request import TrainRequest
 
     work = tmp_path_factory.mktemp("features")
     uri = copy_store(mlflow_template(tmp_path_factory.getbasetemp()), work)
@@ -74,8 +75,10 @@ def pipeline_run(
     try:
         flow = train_pipeline.with_options(retries=1, retry_delay_seconds=1)
         result = flow(
-            model="lenet5", dataset="imagefolder", data_dir=str(data), epochs=3, batch_size=16,
-            device="cpu", tracking_uri=uri, train_retries=0,
+            TrainRequest(
+                model="lenet5", dataset="imagefolder", data_dir=str(data), epochs=3,
+                batch_size=16, device="cpu", tracking_uri=uri, train_retries=0,
+            )
         )  # fmt: skip
     finally:
         done.set()

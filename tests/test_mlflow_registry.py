@@ -12,26 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flows_helpers import copy_store, mlflow_template
+from flows_helpers import log_and_register, tiny_classifier
 
 from cnn.export import ImageClassifier
-from cnn.models import get_model
 from tasks import mlflow_utils, registry
 
 
-@pytest.fixture()
-def store(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
-) -> str:
-    monkeypatch.chdir(tmp_path)  # artifacts (./mlruns) land in tmp_path
-    uri = copy_store(mlflow_template(tmp_path_factory.getbasetemp()), tmp_path)
-    return mlflow_utils.check_tracking(uri)
-
-
 def _classifier() -> ImageClassifier:
-    torch.manual_seed(0)
-    return ImageClassifier(get_model("lenet5", num_classes=3), classes=["a", "b", "c"],
-                           input_size=32, mean=[0.5] * 3, std=[0.25] * 3)  # fmt: skip
+    return tiny_classifier(["a", "b", "c"])
 
 
 def _closed_port() -> int:
@@ -64,19 +52,18 @@ def test_default_uri_is_sqlite_in_the_working_dir(
     assert mlflow_utils.resolve_tracking_uri() == "http://example:5000"
 
 
-def test_champion_moves_only_on_better_accuracy_and_retries_add_nothing(store: str) -> None:
+def test_champion_moves_only_on_better_accuracy_and_retries_add_nothing(mlflow_store: str) -> None:
     import mlflow
 
-    c = mlflow.MlflowClient(store)
+    c = mlflow.MlflowClient(mlflow_store)
     model = _classifier()
     example = np.random.default_rng(0).integers(0, 256, (2, 3, 40, 40), dtype=np.uint8)
-    runs = [mlflow_utils.start_run(f"r{i}", uri=store) for i in range(3)]
+    runs = [mlflow_utils.start_run(f"r{i}", uri=mlflow_store) for i in range(3)]
     same_data = registry.DataIdentity("tiny", "0123abcd", ("a", "b", "c"), "test,n=30")
 
-    def register(run: str, acc: float) -> mlflow_utils.Registration:
-        uri = mlflow_utils.log_model(run, model, example)
-        return mlflow_utils.register_version(uri, name="lenet5-tiny", run_id=run,
-                                             test_accuracy=acc, identity=same_data)  # fmt: skip
+    def register(run: str, acc: float) -> registry.Registration:
+        return log_and_register(mlflow_store, "lenet5-tiny", model, acc, identity=same_data,
+                                run=run, example=example)  # fmt: skip
 
     first = register(runs[0], 0.50)
     assert (first.version, first.champion, first.reused) == ("1", True, False)
@@ -102,18 +89,17 @@ def test_champion_moves_only_on_better_accuracy_and_retries_add_nothing(store: s
     assert len(logged) == 1
 
 
-def test_logged_model_is_self_contained(store: str) -> None:
+def test_logged_model_is_self_contained(mlflow_store: str) -> None:
     """The registered model takes raw uint8 images of any size and knows its classes; its
     signature says so; MLflow's generic pyfunc interface answers with class names
     (tests/test_serving.py loads it where cnnpipe is not installed)."""
     import mlflow
 
     model = _classifier()
-    run = mlflow_utils.start_run("export", uri=store)
+    run = mlflow_utils.start_run("export", uri=mlflow_store)
     example = np.zeros((2, 3, 32, 32), dtype=np.uint8)
-    uri = mlflow_utils.log_model(run, model, example)
-    mlflow_utils.register_version(uri, name="tiny", run_id=run, test_accuracy=0.1)
-    loaded = mlflow_utils.load_model("models:/tiny@champion", store)
+    log_and_register(mlflow_store, "tiny", model, 0.1, run=run, example=example)
+    loaded = mlflow_utils.load_model("models:/tiny@champion", mlflow_store)
     assert loaded.classes == ["a", "b", "c"] and loaded.input_size == 32
     big = torch.randint(0, 256, (1, 3, 57, 43), dtype=torch.uint8)
     torch.testing.assert_close(loaded(big), model(big))
@@ -126,9 +112,9 @@ def test_logged_model_is_self_contained(store: str) -> None:
     assert abs(sum(out["probabilities"][0].values()) - 1.0) < 1e-5
 
 
-def test_unknown_model_uri_is_a_clear_error(store: str) -> None:
+def test_unknown_model_uri_is_a_clear_error(mlflow_store: str) -> None:
     with pytest.raises(ValueError, match="'models:/nope@champion' was not found"):
-        mlflow_utils.load_model("models:/nope@champion", store)
+        mlflow_utils.load_model("models:/nope@champion", mlflow_store)
 
 
 @pytest.mark.slow
@@ -150,40 +136,40 @@ def test_first_contact_with_a_new_store_is_race_free(tmp_path: Path) -> None:
     assert [p.returncode for p in procs] == [0, 0], errors
 
 
-def test_a_retried_flow_run_finds_its_run_and_refuses_a_changed_config(store: str) -> None:
+def test_a_retried_flow_run_finds_its_run_and_refuses_a_changed_config(mlflow_store: str) -> None:
     """Keyed on the Prefect flow run id: a retry continues the same MLflow run; one whose
     config hash changed is refused with both hashes named, and the run is left as it was."""
     import mlflow
 
-    c = mlflow.MlflowClient(store)
+    c = mlflow.MlflowClient(mlflow_store)
     tags = {mlflow_utils.FLOW_RUN_TAG: "flow-run-1", mlflow_utils.FLOW_TAG: "train-pipeline",
             mlflow_utils.CONFIG_HASH_TAG: "aaaa1111", "output_dir": "/x/runs/r"}  # fmt: skip
-    run_id = mlflow_utils.start_run("r", tags=tags, uri=store)
-    mlflow_utils.start_run("other", tags={**tags, mlflow_utils.FLOW_RUN_TAG: "x"}, uri=store)
-    mlflow_utils.end_run(run_id, "KILLED", uri=store)
-    assert mlflow_utils.find_flow_run_run("nope", "train-pipeline", uri=store) is None
-    assert mlflow_utils.find_flow_run_run("flow-run-1", "compare", uri=store) is None
-    found = mlflow_utils.find_flow_run_run("flow-run-1", "train-pipeline", uri=store)
+    run_id = mlflow_utils.start_run("r", tags=tags, uri=mlflow_store)
+    mlflow_utils.start_run("other", tags={**tags, mlflow_utils.FLOW_RUN_TAG: "x"}, uri=mlflow_store)
+    mlflow_utils.end_run(run_id, "KILLED", uri=mlflow_store)
+    assert mlflow_utils.find_flow_run_run("nope", "train-pipeline", uri=mlflow_store) is None
+    assert mlflow_utils.find_flow_run_run("flow-run-1", "compare", uri=mlflow_store) is None
+    found = mlflow_utils.find_flow_run_run("flow-run-1", "train-pipeline", uri=mlflow_store)
     assert found.info.run_id == run_id
     with pytest.raises(mlflow_utils.ConfigChangedError, match="aaaa1111.*bbbb2222"):
-        mlflow_utils.reopen_run(found, "bbbb2222", uri=store)
+        mlflow_utils.reopen_run(found, "bbbb2222", uri=mlflow_store)
     assert c.get_run(run_id).info.status == "KILLED"  # untouched
-    again = mlflow_utils.reopen_run(found, "aaaa1111", tags={"cnnpipe.pid": "7"}, uri=store)
+    again = mlflow_utils.reopen_run(found, "aaaa1111", tags={"cnnpipe.pid": "7"}, uri=mlflow_store)
     assert again == run_id
     run = c.get_run(run_id)
     assert run.info.status == "RUNNING" and run.data.tags["cnnpipe.pid"] == "7"
 
 
-def test_runs_carry_source_notes_and_params_without_none(store: str) -> None:
+def test_runs_carry_source_notes_and_params_without_none(mlflow_store: str) -> None:
     """What the compare parent run and every pipeline run show in the UI: source and git
     tags, the notes (description), params without `None` entries, a training experiment."""
     import mlflow
 
     run_id = mlflow_utils.start_run(
-        "compare-cifar10", description="Comparison of a, b", uri=store,
+        "compare-cifar10", description="Comparison of a, b", uri=mlflow_store,
         params={"models": "lenet5,resnet18_cifar", "epochs": 3, "recipe": None},
     )  # fmt: skip
-    c = mlflow.MlflowClient(store)
+    c = mlflow.MlflowClient(mlflow_store)
     run = c.get_run(run_id)
     assert run.data.params == {"models": "lenet5,resnet18_cifar", "epochs": "3"}
     assert run.data.tags["mlflow.note.content"] == "Comparison of a, b"

@@ -21,40 +21,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flows_helpers import REPO, copy_store, mlflow_template
+from flows_helpers import REPO, log_and_register, tiny_classifier
 from servers import ServerProcess, free_port, wait_http_ok
 
 from cnn.export import ImageClassifier
-from cnn.models import get_model, model_info
 from tasks import mlflow_utils
 
 LOCKED = ("mlflow", "torch", "torchvision", "numpy", "pillow")
-
-
-@pytest.fixture()
-def store(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
-) -> str:
-    monkeypatch.chdir(tmp_path)  # artifacts (./mlruns) land in tmp_path
-    uri = copy_store(mlflow_template(tmp_path_factory.getbasetemp()), tmp_path)
-    return mlflow_utils.check_tracking(uri)
-
-
-def _classifier(name: str, classes: list[str], pretrained: str | None = None) -> ImageClassifier:
-    torch.manual_seed(0)
-    info = model_info(name)
-    net = get_model(name, num_classes=len(classes), pretrained=pretrained)
-    return ImageClassifier(
-        net, classes=classes, input_size=info.input_size, resize_size=info.resize_size,
-        mean=info.mean, std=info.std, info={"model": name},
-    )  # fmt: skip
 
 
 def _finetuned_mobilenet(shared_data: Path) -> ImageClassifier:
     """mobilenet_v2 with ImageNet weights (the shared copy when present) and a new 2-class head,
     fine-tuned for two steps so the BatchNorm statistics are its own."""
     weights = shared_data / "mobilenet_v2-imagenet-dequantized.pth"
-    clf = _classifier("mobilenet_v2", ["ants", "bees"], str(weights) if weights.is_file() else None)
+    clf = tiny_classifier(
+        ["ants", "bees"], "mobilenet_v2", str(weights) if weights.is_file() else None
+    )
     net = clf.model.train()
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01)
     gen = torch.Generator().manual_seed(0)
@@ -68,28 +50,23 @@ def _finetuned_mobilenet(shared_data: Path) -> ImageClassifier:
 
 
 def _log_and_register(store: str, name: str, clf: ImageClassifier) -> str:
-    run = mlflow_utils.start_run(name, uri=store)
-    example = np.random.default_rng(0).integers(0, 256, (1, 3, 40, 36), dtype=np.uint8)
-    model_uri = mlflow_utils.log_model(run, clf, example, uri=store)
-    reg = mlflow_utils.register_version(
-        model_uri, name=name, run_id=run, test_accuracy=0.5, uri=store
-    )
+    reg = log_and_register(store, name, clf)
     assert reg.champion
     return f"models:/{name}@champion"
 
 
-def test_pyfunc_and_cnnpipe_load_the_same_model(store: str) -> None:
+def test_pyfunc_and_cnnpipe_load_the_same_model(mlflow_store: str) -> None:
     """One logged model, two consumers: MLflow's generic pyfunc (class names + probabilities)
     and `cnnpipe predict/evaluate` (`load_model` -> ImageClassifier); same numbers as the
     eager network for an odd-sized uint8 batch, and the signature says images in."""
     import mlflow
 
-    clf = _classifier("lenet5", ["a", "b", "c"])
-    uri = _log_and_register(store, "tiny", clf)
+    clf = tiny_classifier(["a", "b", "c"], "lenet5")
+    uri = _log_and_register(mlflow_store, "tiny", clf)
     images = np.random.default_rng(1).integers(0, 256, (3, 3, 57, 43), dtype=np.uint8)
     want = clf(torch.from_numpy(images)).detach()
 
-    loaded = mlflow_utils.load_model(uri, store)
+    loaded = mlflow_utils.load_model(uri, mlflow_store)
     assert loaded.classes == ["a", "b", "c"] and loaded.input_size == 32
     torch.testing.assert_close(loaded(torch.from_numpy(images)).detach(), want)
     assert loaded.eval() is loaded  # the exported graph tolerates eval()/train() calls
@@ -113,17 +90,17 @@ def test_pyfunc_and_cnnpipe_load_the_same_model(store: str) -> None:
     assert "torch==" in reqs and "cnnpipe" not in reqs
 
 
-def test_bad_model_uris_name_the_uri(store: str) -> None:
+def test_bad_model_uris_name_the_uri(mlflow_store: str) -> None:
     import mlflow
 
     with pytest.raises(ValueError, match="'models:/nope@champion' was not found"):
-        mlflow_utils.load_model("models:/nope@champion", store)
-    uri = _log_and_register(store, "gone", _classifier("lenet5", ["a", "b"]))
+        mlflow_utils.load_model("models:/nope@champion", mlflow_store)
+    uri = _log_and_register(mlflow_store, "gone", tiny_classifier(["a", "b"], "lenet5"))
     # The registered version's files vanish (a wiped artifact store).
-    local = Path(mlflow.MlflowClient(store).get_model_version_download_uri("gone", "1"))
+    local = Path(mlflow.MlflowClient(mlflow_store).get_model_version_download_uri("gone", "1"))
     shutil.rmtree(local.as_posix().removeprefix("file://"))
     with pytest.raises(ValueError, match="'models:/gone@champion'"):
-        mlflow_utils.load_model(uri, store)
+        mlflow_utils.load_model(uri, mlflow_store)
 
 
 # -------------------------------------------------------------------- the bare environment
@@ -170,18 +147,18 @@ def _bare_run(python: Path, code: str, cwd: Path, env: dict[str, str]) -> str:
 
 @pytest.mark.slow
 def test_registered_models_load_and_serve_without_cnnpipe(
-    store: str, tmp_path: Path, shared_data: Path
+    mlflow_store: str, tmp_path: Path, shared_data: Path
 ) -> None:
     models = {
-        "lenet5-bare": _classifier("lenet5", ["cat", "dog", "eel"]),
-        "resnet18_cifar-bare": _classifier("resnet18_cifar", [f"c{i}" for i in range(10)]),
-        "googlenet-bare": _classifier("googlenet", ["x", "y", "z"]),  # auxiliary heads
+        "lenet5-bare": tiny_classifier(["cat", "dog", "eel"], "lenet5"),
+        "resnet18_cifar-bare": tiny_classifier([f"c{i}" for i in range(10)], "resnet18_cifar"),
+        "googlenet-bare": tiny_classifier(["x", "y", "z"], "googlenet"),  # auxiliary heads
         "mobilenet_v2-bare": _finetuned_mobilenet(shared_data),
     }
     image = np.random.default_rng(2).integers(0, 256, (1, 3, 71, 53), dtype=np.uint8)
     want = {}
     for name, clf in models.items():
-        _log_and_register(store, name, clf)
+        _log_and_register(mlflow_store, name, clf)
         want[name] = clf(torch.from_numpy(image)).detach()[0].tolist()
 
     python, how = _bare_env(tmp_path)
@@ -190,7 +167,7 @@ def test_registered_models_load_and_serve_without_cnnpipe(
     work.mkdir()
     np.save(work / "image.npy", image)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTHON"))}
-    env["MLFLOW_TRACKING_URI"] = store
+    env["MLFLOW_TRACKING_URI"] = mlflow_store
     out = _bare_run(python, f"""
         import importlib.util, json, sys
         import mlflow, numpy as np
