@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnn.dist import all_reduce_sum
+from cnn.models import main_logits
 
 
 @dataclass
@@ -49,11 +50,6 @@ class EvalResult:
                 f"{c:<{width}}  " + ("   -    " if acc is None else f"{acc:8.2%}") + f"  {n}"
             )
         return "\n".join(lines)
-
-
-def _logits(output: Any) -> torch.Tensor:
-    """Main logits of a model output (GoogLeNet/Inception return a tuple in train mode)."""
-    return output[0] if isinstance(output, (tuple, list)) else getattr(output, "logits", output)
 
 
 @torch.inference_mode()
@@ -89,7 +85,7 @@ def evaluate(
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast:
-            logits = _logits(model(x))
+            logits = main_logits(model(x))
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         pred = logits.argmax(dim=1)

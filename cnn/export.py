@@ -7,7 +7,8 @@ network's input size, normalizes with the training mean/std, and knows its class
 The preprocessing follows torchvision's `ImageClassification` preset (resize, crop, scale,
 normalize), so a torchvision ImageNet model wrapped here behaves exactly as its weights expect.
 
-Pure torch/torchvision: no prefect or mlflow here (the flows log this module with MLflow).
+Pure torch/torchvision plus this package's model outputs (`main_logits`) and image decoder
+(`cnn.data.images`): no prefect or mlflow here (the flows log this module with MLflow).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
+
+from cnn.data.images import decode_file
+from cnn.data.sources import IMAGE_EXTENSIONS
+from cnn.models import main_logits
 
 OUTPUTS = ("probabilities", "logits")
 EXPORT_BATCH = 2  # trace with 2 images: torch.export specialises a batch of 1 to a constant
@@ -115,10 +120,7 @@ class ImageClassifier(nn.Module):
         return (x - self.mean) / self.std
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.model(self.preprocess(images))
-        if isinstance(out, (tuple, list)):  # GoogLeNet/Inception aux outputs in train mode
-            out = out[0]
-        logits = getattr(out, "logits", out).float()
+        logits = main_logits(self.model(self.preprocess(images))).float()
         return logits.softmax(dim=1) if self.output == "probabilities" else logits
 
     @torch.inference_mode()
@@ -162,8 +164,7 @@ def export_network(clf: ImageClassifier, path: str | Path) -> Path:
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     with torch.no_grad():
         program = torch.export.export(net, (example,), dynamic_shapes=({0: batch},), strict=False)
-        want = net(example)
-        want = getattr(want[0] if isinstance(want, (tuple, list)) else want, "logits", want)
+        want = main_logits(net(example))
         got = program.module()(example)
     if not torch.allclose(got, want, rtol=1e-3, atol=1e-4):
         raise RuntimeError(
@@ -277,31 +278,25 @@ def from_torchvision(
     )
 
 
-def load_image(path: str | Path, channels: int = 3) -> torch.Tensor:
-    """Decode one image file to a uint8 CHW tensor; a clear ValueError if it is not an image."""
-    from torchvision.io import ImageReadMode, decode_image
+FULL_SIZE = 1 << 16  # decode at full resolution: the model does its own resize
 
+
+def load_image(path: str | Path, channels: int = 3) -> torch.Tensor:
+    """Decode one image file to a uint8 CHW tensor with the data layer's decoder (the pixel
+    limit included); a clear ValueError if it is not an image."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist; check the path")
-    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     try:
-        return decode_image(str(path), mode=mode)
-    except Exception:
-        pass
-    try:  # formats torchvision's decoders lack (e.g. BMP, TIFF): fall back to Pillow
-        import numpy as np
-        from PIL import Image
-
-        with Image.open(path) as img:
-            arr = np.asarray(img.convert("L" if channels == 1 else "RGB"))
+        rgb = decode_file(path, FULL_SIZE)
+    except ValueError:
+        raise  # above the pixel limit: the message names the file and the fix
     except Exception as exc:
         raise ValueError(f"{path} is not a readable image ({type(exc).__name__}: {exc})") from exc
-    t = torch.from_numpy(arr.copy())
-    return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
-
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+    if channels != 1:
+        return rgb
+    # Rounded (not truncated) luma, so a gray image keeps its exact values.
+    return TF.rgb_to_grayscale(rgb.float()).round_().to(torch.uint8)
 
 
 def expand_image_paths(items: Sequence[str | Path]) -> list[Path]:
@@ -310,9 +305,11 @@ def expand_image_paths(items: Sequence[str | Path]) -> list[Path]:
     for item in items:
         p = Path(item)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS)
             if not found:
-                raise FileNotFoundError(f"directory {p} holds no image files ({IMAGE_SUFFIXES})")
+                raise FileNotFoundError(
+                    f"directory {p} holds no image files ({' '.join(IMAGE_EXTENSIONS)})"
+                )
             paths.extend(found)
         elif p.exists():
             paths.append(p)

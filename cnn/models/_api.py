@@ -535,10 +535,14 @@ def _freeze_all_but_heads(model: nn.Module, name: str) -> None:
 
 
 def main_logits(output: Any) -> torch.Tensor:
-    """The main logits of any model output (a tensor, or ``(logits, *aux)`` in train mode)."""
+    """The main logits of any model output: a tensor, ``(logits, *aux)`` (GoogLeNet/Inception
+    in train mode, also as torchvision's namedtuples), or an object with ``.logits``. The one
+    copy: training, evaluation and export all read outputs through it."""
     if isinstance(output, torch.Tensor):
         return output
-    return output[0]
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return getattr(output, "logits", output)
 
 
 def training_loss(
