@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
+from cnn.atomic import atomic_write
 from cnn.data.images import decode_file
 from cnn.data.sources import IMAGE_EXTENSIONS
 from cnn.models import main_logits
@@ -171,9 +172,7 @@ def export_network(clf: ImageClassifier, path: str | Path) -> Path:
             f"torch.export of {clf.info.get('model', type(net).__name__)} changed its outputs "
             f"(max difference {float((got - want).abs().max()):.2e}); not logging it"
         )
-    path = Path(path)
-    torch.export.save(program, str(path))
-    return path
+    return atomic_write(path, lambda f: torch.export.save(program, f))
 
 
 def from_exported(network: str | Path | nn.Module, config: dict[str, Any]) -> ImageClassifier:

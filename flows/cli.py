@@ -382,8 +382,20 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_or_flow(args: argparse.Namespace, name: str, request: Any, model: Any) -> Any:
+    """`flows.predict`'s plain `name` with the already loaded model, or its Prefect flow when
+    a server is configured or --flow is given."""
+    from flows import predict
+
+    if not _want_flow(args):
+        return getattr(predict, name)(request, model=model)
+    if not os.environ.get("PREFECT_API_URL"):
+        _guard_prefect_server()
+    return getattr(predict, predict.FLOWS[name])(request)
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from flows.predict import SPLITS, check_model_uri, load_classifier
+    from flows.predict import SPLITS, EvaluateRequest, check_model_uri, load_classifier
     from tasks.plan import check_dataset, split_available
 
     if args.split is not None and args.split not in SPLITS:
@@ -401,23 +413,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     split_available(args.dataset, args.data_dir, args.split)
     with _stdout_to_stderr(args.json) as emit:
         model = load_classifier(args.model_uri)  # a URI that names nothing fails here
-        kwargs = {
-            "model_uri": args.model_uri,
-            "dataset": args.dataset,
-            "data_dir": args.data_dir,
-            "cache_dir": args.cache_dir,
-            "split": args.split,
-        }
-        if _want_flow(args):
-            if not os.environ.get("PREFECT_API_URL"):
-                _guard_prefect_server()
-            from flows.predict import evaluate_model
-
-            result = evaluate_model(**kwargs)
-        else:
-            from flows.predict import evaluate
-
-            result = evaluate(**kwargs, model=model)
+        request = EvaluateRequest(args.model_uri, args.dataset, args.data_dir, args.cache_dir,
+                                  args.split)  # fmt: skip
+        result = _run_or_flow(args, "evaluate", request, model)
         if args.json:
             emit(result)
         else:
@@ -430,7 +428,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from flows.predict import check_model_uri, load_classifier, load_images
+    from flows.predict import PredictRequest, check_model_uri, load_classifier, load_images
 
     if args.topk < 1:
         raise ValueError(f"--topk {args.topk} must be >= 1")
@@ -441,18 +439,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     load_images(paths, 3)  # a file that is not an image fails now, before any model loads
     with _stdout_to_stderr(args.json) as emit:
         model = load_classifier(args.model_uri, args.pretrained)  # a URI that names nothing
-        kwargs = {"model_uri": args.model_uri, "inputs": [str(p) for p in paths],
-                  "topk": args.topk, "pretrained": args.pretrained}  # fmt: skip
-        if _want_flow(args):
-            if not os.environ.get("PREFECT_API_URL"):
-                _guard_prefect_server()
-            from flows.predict import batch_predict
-
-            result = batch_predict(**kwargs)
-        else:
-            from flows.predict import predict
-
-            result = predict(**kwargs, model=model)
+        request = PredictRequest(args.model_uri, [str(p) for p in paths], args.topk,
+                                 args.pretrained)  # fmt: skip
+        result = _run_or_flow(args, "predict", request, model)
         if args.json:
             emit(result)
         else:

@@ -25,6 +25,7 @@ from prefect.context import get_run_context
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from cnn.atomic import atomic_write
 from tasks import gpu_limit, mlflow_utils, plots, registry
 from tasks.evaluate import artifact_key, evaluate_run
 from tasks.launch import JobSlots, LaunchSpec, kill_all_jobs, process_tags
@@ -124,9 +125,10 @@ def _training_log(output_dir: Path, flow_run_id: str) -> Iterator[None]:
         logger.removeHandler(handler)
         handler.close()
         with suppress(OSError):
-            if output_dir.is_dir():
-                with open(output_dir / "train.log", "a", encoding="utf-8") as out:
-                    out.write(Path(tmp).read_text(encoding="utf-8"))
+            if output_dir.is_dir():  # this attempt's lines after the earlier ones, atomically
+                log = output_dir / "train.log"
+                before = log.read_bytes() if log.exists() else b""
+                atomic_write(log, before + Path(tmp).read_bytes())
         with suppress(OSError):
             os.unlink(tmp)
 

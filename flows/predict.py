@@ -1,6 +1,7 @@
 """Registered models at work: `evaluate` (metrics of a model URI on a dataset split) and `predict`
-(class names and probabilities for image files), as plain functions, plus the Prefect flows
-`evaluate_model` / `batch_predict` that wrap them.
+(class names and probabilities for image files), as plain functions of one request each
+(`EvaluateRequest`, `PredictRequest`), plus the Prefect flows `evaluate_model` ("evaluate-model")
+/ `batch_predict` ("batch-predict") that take the same request.
 
 Why both: `cnnpipe predict` on one image must not wait for Prefect (importing it and booting its
 embedded API cost more than the prediction), so the CLI calls the plain functions unless a
@@ -16,11 +17,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 TORCHVISION_SCHEME = "torchvision:"
 SPLITS = ("train", "val", "test")
+FLOWS = {"evaluate": "evaluate_model", "predict": "batch_predict"}  # plain function -> flow
 
 
 def check_model_uri(model_uri: str, pretrained: str | None = None) -> None:
@@ -59,23 +62,39 @@ def load_images(paths: list[Path], channels: int) -> list[Any]:
     return [load_image(p, channels) for p in paths]
 
 
-def evaluate(
-    model_uri: str,
-    dataset: str,
-    data_dir: str | None = None,
-    cache_dir: str | None = None,
-    split: str = "test",
-    batch_size: int = 256,
-    model: Any = None,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EvaluateRequest:
+    """What `evaluate` (and the `evaluate-model` flow) takes."""
+
+    model_uri: str
+    dataset: str
+    data_dir: str | None = None
+    cache_dir: str | None = None
+    split: str = "test"
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    """What `predict` (and the `batch-predict` flow) takes."""
+
+    model_uri: str
+    inputs: list[str]
+    topk: int = 5
+    pretrained: str | None = None
+
+
+def evaluate(request: EvaluateRequest, model: Any = None) -> dict[str, Any]:
     """Accuracy and per-class accuracy of `model_uri` on a prepared dataset split, computed by
     the model itself from raw uint8 images (its own resize and normalization). `split` in the
-    result is the true one: a folder without test/ has no test split to evaluate on."""
+    result is the true one: a folder without test/ has no test split to evaluate on. `model`:
+    the classifier already loaded from `model_uri` (the CLI loads it first to fail early)."""
     from tasks.plan import check_dataset, split_available
 
+    model_uri, dataset, split = request.model_uri, request.dataset, request.split
+    data_dir, cache_dir = request.data_dir or "data", request.cache_dir
     if split not in SPLITS:
         raise ValueError(f"--split {split!r} is not valid; choose train, val or test")
-    data_dir = data_dir or "data"
     check_dataset(dataset, data_dir)
     split_available(dataset, data_dir, split)
     model = model if model is not None else load_classifier(model_uri)
@@ -105,7 +124,7 @@ def evaluate(
             f"{data_dir} has {info.classes[:10]}; evaluate it on the dataset it was trained on"
         )
     images, labels = split_arrays(info, split)
-    metrics = evaluate_split(model, images, labels, batch_size=batch_size)
+    metrics = evaluate_split(model, images, labels, batch_size=request.batch_size)
     return {
         "model_uri": model_uri,
         "dataset": dataset,
@@ -120,20 +139,16 @@ def evaluate(
     }
 
 
-def predict(
-    model_uri: str,
-    inputs: list[str],
-    topk: int = 5,
-    pretrained: str | None = None,
-    model: Any = None,
-) -> list[dict[str, Any]]:
+def predict(request: PredictRequest, model: Any = None) -> list[dict[str, Any]]:
     """Top-k class names and probabilities for each image (files, or folders of images)."""
     from cnn.export import expand_image_paths
 
+    topk = request.topk
     if topk < 1:
         raise ValueError(f"--topk {topk} must be >= 1")
-    paths = expand_image_paths(inputs)
-    model = model if model is not None else load_classifier(model_uri, pretrained)
+    paths = expand_image_paths(request.inputs)
+    if model is None:
+        model = load_classifier(request.model_uri, request.pretrained)
     images = load_images(paths, model.in_channels)
     out = []
     for path, img in zip(paths, images, strict=True):
@@ -153,39 +168,30 @@ def _flows() -> dict[str, Callable[..., Any]]:
     from tasks.evaluate import artifact_key
 
     @flow(name="evaluate-model")
-    def evaluate_model(
-        model_uri: str,
-        dataset: str,
-        data_dir: str | None = None,
-        cache_dir: str | None = None,
-        split: str = "test",
-        batch_size: int = 256,
-    ) -> dict[str, Any]:
+    def evaluate_model(request: EvaluateRequest) -> dict[str, Any]:
         """`evaluate` as a flow, with the per-class table as a Prefect artifact."""
-        result = evaluate(model_uri, dataset, data_dir, cache_dir, split, batch_size)
-        acc = result["metrics"]["accuracy"]
-        get_run_logger().info("%s on %s/%s: accuracy %.4f", model_uri, dataset, split, acc)
+        result = evaluate(request)
+        acc, where = result["metrics"]["accuracy"], f"{request.dataset}/{result['split']}"
+        get_run_logger().info("%s on %s: accuracy %.4f", request.model_uri, where, acc)
         create_table_artifact(
             [{"class": c, "accuracy": a}
              for c, a in result["metrics"]["per_class_accuracy"].items()],
-            key=artifact_key("evaluate", dataset, split),
-            description=f"{model_uri} on {dataset}/{split}: accuracy {acc:.2%}",
+            key=artifact_key("evaluate", request.dataset, request.split),
+            description=f"{request.model_uri} on {where}: accuracy {acc:.2%}",
         )  # fmt: skip
         return result
 
     @flow(name="batch-predict")
-    def batch_predict(
-        model_uri: str, inputs: list[str], topk: int = 5, pretrained: str | None = None
-    ) -> list[dict[str, Any]]:
+    def batch_predict(request: PredictRequest) -> list[dict[str, Any]]:
         """`predict` as a flow."""
-        out = predict(model_uri, inputs, topk, pretrained)
-        get_run_logger().info("predicted %d image(s) with %s", len(out), model_uri)
+        out = predict(request)
+        get_run_logger().info("predicted %d image(s) with %s", len(out), request.model_uri)
         return out
 
     return {"evaluate_model": evaluate_model, "batch_predict": batch_predict}
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("evaluate_model", "batch_predict"):
+    if name in FLOWS.values():
         return _flows()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

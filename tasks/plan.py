@@ -610,5 +610,7 @@ def split_available(dataset: str, data_dir: str | Path, split: str) -> None:
 
 
 if __name__ == "__main__":  # regenerate the table: uv run python -m tasks.plan
-    MODELS_TABLE.write_text(json.dumps(build_models_table(), indent=1, sort_keys=True) + "\n")
+    from cnn.atomic import atomic_write
+
+    atomic_write(MODELS_TABLE, json.dumps(build_models_table(), indent=1, sort_keys=True) + "\n")
     print(f"wrote {MODELS_TABLE}")
