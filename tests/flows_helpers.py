@@ -5,12 +5,14 @@ does."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -138,3 +140,39 @@ def log_and_register(
     return registry.register(
         model_uri, name=name, run_id=run, test_accuracy=accuracy, identity=identity, uri=store
     )
+
+
+@contextlib.contextmanager
+def prefect_harness(home: Path, **env: str) -> Iterator[None]:
+    """A temporary Prefect server (Prefect's test harness) with PREFECT_HOME (results, caches)
+    in `home` and `env` set while it runs; the environment is restored afterwards."""
+    env = {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **env}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    from prefect.testing.utilities import prefect_test_harness
+
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def cmdline(pid: int) -> str:
+    """A process's command line ("" once it is gone), read from /proc."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (from /proc, not from the code under test)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False

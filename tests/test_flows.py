@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 from flows_helpers import (
     CLASSES,
+    alive,
     cli_env,
+    cmdline,
     cnnpipe,
     copy_store,
     mlflow_counts,
@@ -187,20 +189,6 @@ def _tree(pid: int) -> list[int]:
     return process_tree(pid)
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_cancelled_pipeline_leaves_no_process_behind(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, prefect_home: Path
 ) -> None:
@@ -217,20 +205,20 @@ def test_cancelled_pipeline_leaves_no_process_behind(
             assert proc.poll() is None, proc.stderr.read()[-3000:]  # type: ignore[union-attr]
             assert time.monotonic() < deadline, "training workers never started"
             time.sleep(0.5)
-            workers = [p for p in _tree(proc.pid) if "-u -m cnn.train" in _cmdline(p)]
+            workers = [p for p in _tree(proc.pid) if "-u -m cnn.train" in cmdline(p)]
         time.sleep(1.0)
-        job = [p for p in _tree(proc.pid) if p != proc.pid and "prefect" not in _cmdline(p)]
-        assert any("torch.distributed.run" in _cmdline(p) for p in job)
+        job = [p for p in _tree(proc.pid) if p != proc.pid and "prefect" not in cmdline(p)]
+        assert any("torch.distributed.run" in cmdline(p) for p in job)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
         assert proc.returncode != 0
         deadline = time.monotonic() + 20
-        while any(_alive(p) for p in job) and time.monotonic() < deadline:
+        while any(alive(p) for p in job) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not [p for p in job if _alive(p)], "orphaned training processes"
+        assert not [p for p in job if alive(p)], "orphaned training processes"
         leftovers = [p for p in map(int, filter(str.isdigit, os.listdir("/proc")))
-                     if str(work) in _cmdline(p) and _alive(p)]  # fmt: skip
-        assert not leftovers, [(p, _cmdline(p)) for p in leftovers]
+                     if str(work) in cmdline(p) and alive(p)]  # fmt: skip
+        assert not leftovers, [(p, cmdline(p)) for p in leftovers]
         import mlflow
 
         runs = mlflow.MlflowClient(uri).search_runs(["0", "1"])

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from flows_helpers import alive, cmdline
 
 from tasks.common import is_io_error
 from tasks.launch import (
@@ -74,21 +75,6 @@ _TREE = textwrap.dedent(
 )
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
 def test_an_exception_kills_the_whole_tree_including_new_sessions() -> None:
     seen: list[str] = []
@@ -99,7 +85,7 @@ def test_an_exception_kills_the_whole_tree_including_new_sessions() -> None:
         if line == "worker up":
             time.sleep(0.3)  # let the grandchild start
             # Only this job's processes (the test session may have other children).
-            pids.extend(p for p in process_tree(os.getpid()) if "sleep(60)" in _cmdline(p))
+            pids.extend(p for p in process_tree(os.getpid()) if "sleep(60)" in cmdline(p))
             raise KeyboardInterrupt  # what a cancelled flow raises in this thread
 
     t0 = time.monotonic()
@@ -108,9 +94,9 @@ def test_an_exception_kills_the_whole_tree_including_new_sessions() -> None:
     assert "launcher up" in seen
     assert len(pids) >= 3, pids  # launcher, worker (own session), grandchild
     deadline = time.monotonic() + 5
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not [p for p in pids if _alive(p)], "orphaned processes left behind"
+    assert not [p for p in pids if alive(p)], "orphaned processes left behind"
     assert time.monotonic() - t0 < 15
 
 
@@ -145,13 +131,13 @@ def test_job_gets_sigterm_when_the_launcher_is_killed(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "job never started"
             time.sleep(0.05)
         job = int(pidfile.read_text())
-        assert _alive(job)
+        assert alive(job)
         proc.kill()
         proc.wait()
         deadline = time.monotonic() + 5
-        while _alive(job) and time.monotonic() < deadline:
+        while alive(job) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _alive(job)
+        assert not alive(job)
     finally:
         proc.kill()
 

@@ -3,13 +3,12 @@ result whose tensor cache was deleted is recomputed rather than returned stale."
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from flows_helpers import tiny_dataset
+from flows_helpers import prefect_harness, tiny_dataset
 
 from cnn.config import TrainConfig
 
@@ -17,20 +16,8 @@ from cnn.config import TrainConfig
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """A temporary Prefect server; PREFECT_HOME (results, caches) in a temp dir."""
-    home = tmp_path_factory.mktemp("prefect_home")
-    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")}
-    os.environ.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    from prefect.testing.utilities import prefect_test_harness
-
-    try:
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with prefect_harness(tmp_path_factory.mktemp("prefect_home")):
+        yield
 
 
 @pytest.mark.slow

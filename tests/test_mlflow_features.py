@@ -12,35 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flows_helpers import copy_store, mlflow_template, tiny_dataset
+from flows_helpers import copy_store, mlflow_template, prefect_harness, tiny_dataset
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A temporary Prefect server; PREFECT_HOME (results, caches) in a temp dir."""
+    """A temporary Prefect server; PREFECT_HOME (results, caches) in a temp dir. System
+    metrics sampled every second, so a few-second job records some."""
     home = tmp_path_factory.mktemp("prefect_home")
-    keys = (
-        "PREFECT_HOME",
-        "PREFECT_SERVER_ANALYTICS_ENABLED",
-        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL",
-    )
-    saved = {k: os.environ.get(k) for k in keys}
-    # Sample system metrics every second, so a few-second job records some.
-    os.environ.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                      MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")  # fmt: skip
-    from prefect.testing.utilities import prefect_test_harness
-
-    try:
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with prefect_harness(home, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1"):
+        yield
 
 
 @pytest.fixture(scope="module")
