@@ -148,8 +148,9 @@ def log_evaluation(
 
 @functools.cache
 def _task() -> Any:
-    """The Prefect task around `log_evaluation`, built on first use: importing this module
-    (for `evaluate_split`) must not import Prefect."""
+    """The Prefect task `evaluate_run` ("evaluate-run"; the flow that evaluates a registered
+    model is `flows.predict.evaluate_model`) around `log_evaluation`, built on first use:
+    importing this module (for `evaluate_split`) must not import Prefect."""
     from prefect import task
     from prefect.cache_policies import NONE
 
