@@ -16,7 +16,6 @@ from torch.nn import functional as F
 from cnn.models import (
     _api,
     check_input_size,
-    format_models_table,
     get_model,
     list_models,
     main_logits,
@@ -25,6 +24,7 @@ from cnn.models import (
     training_loss,
 )
 from cnn.models.zoo import ZOO_MODELS, weights_cache_path
+from tasks.plan import format_models_table  # the CLI's table (kept equal to the registry)
 
 
 @pytest.fixture(autouse=True)

@@ -29,7 +29,6 @@ __all__ = [
     "IMAGENET_STD",
     "ModelInfo",
     "check_input_size",
-    "format_models_table",
     "get_model",
     "list_models",
     "main_logits",
@@ -562,37 +561,3 @@ def training_loss(
         if aux_logits is not None:
             loss = loss + AUX_LOSS_WEIGHT * criterion(aux_logits, target)
     return loss
-
-
-def format_models_table(pattern: str | None = None) -> str:
-    """The text table behind ``cnnpipe models [PATTERN]``."""
-    names = list_models(pattern)
-    if not names:
-        return f"no model matches {pattern!r}; try `cnnpipe models` to list all"
-    header = ("name", "family", "params", "input", "min", "pretrained", "source")
-    rows = [header]
-    for n in names:
-        i = model_info(n)
-        rows.append(
-            (
-                n,
-                i.family,
-                f"{i.params:,}",
-                str(i.input_size),
-                str(i.min_input_size),
-                "yes" if i.pretrained else "no",
-                i.source,
-            )
-        )
-    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
-    right = {2, 3, 4}  # numbers are right-aligned
-    lines = [
-        "  ".join(
-            cell.rjust(w) if c in right else cell.ljust(w)
-            for c, (cell, w) in enumerate(zip(row, widths, strict=True))
-        ).rstrip()
-        for row in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"{len(names)} models")
-    return "\n".join(lines)
