@@ -13,6 +13,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+# Set by the flow of each node of a multi-node job (a fresh token per job and node); global
+# rank 0 writes it into result.json, so a node's flow can tell whether rank 0 ran on it even
+# when every node sees the same output directory (a shared filesystem).
+NODE_TOKEN_ENV = "CNNPIPE_NODE_TOKEN"
+
 
 @dataclass(frozen=True)
 class DistInfo:

@@ -738,6 +738,7 @@ def _result(
         "history": state.history,
         "world_size": info.world_size,
         "config_hash": cfg_hash,
+        "node_token": os.environ.get(D.NODE_TOKEN_ENV),  # which node hosted rank 0
         "wall_seconds": time.perf_counter() - t_start,
         "peak_memory_mb": (
             round(torch.cuda.max_memory_allocated(device) / 2**20, 1)

@@ -26,7 +26,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from cnn.atomic import atomic_write
-from tasks import gpu_limit, mlflow_utils, plots, registry
+from tasks import gpu_limit, job_run, mlflow_utils, plots, registry
 from tasks.evaluate import artifact_key, evaluate_run
 from tasks.launch import JobSlots, LaunchSpec, kill_all_jobs, process_tags
 from tasks.plan import plan_comparison, plan_training
@@ -218,23 +218,39 @@ def train_pipeline(request: TrainRequest = TRAIN_DEFAULTS) -> dict[str, Any]:
             )
             logger.info("flow run %s: continuing MLflow run %s", flow_run_id, run_id)
         else:
-            run_id = mlflow_utils.start_run(
-                f"{cfg.model}-{identity.name}",
-                experiment=request.experiment,
-                uri=uri,
-                description=_run_description(cfg, identity),
-                tags={
-                    "model": cfg.model,
-                    "dataset": info.dataset,
-                    "dataset.source_hash": info.source_hash,
-                    "dataset.cache": str(info.path),
-                    mlflow_utils.FLOW_RUN_TAG: flow_run_id,
-                    mlflow_utils.FLOW_TAG: TRAIN_FLOW,
-                    mlflow_utils.CONFIG_HASH_TAG: cfg.config_hash(),
-                    **process_tags(),  # so a later cnnpipe can close it if this process dies
-                },
-            )
-            _record_run(run_id, info, identity, uri, cfg.model)
+            tags = {
+                "model": cfg.model,
+                "dataset": info.dataset,
+                "dataset.source_hash": info.source_hash,
+                "dataset.cache": str(info.path),
+                mlflow_utils.FLOW_RUN_TAG: flow_run_id,
+                mlflow_utils.FLOW_TAG: TRAIN_FLOW,
+                mlflow_utils.CONFIG_HASH_TAG: cfg.config_hash(),
+                **process_tags(),  # so a later cnnpipe can close it if this process dies
+            }
+
+            def start(**extra: str) -> str:
+                return mlflow_utils.start_run(
+                    f"{cfg.model}-{identity.name}",
+                    experiment=request.experiment,
+                    uri=uri,
+                    description=_run_description(cfg, identity),
+                    tags={**tags, **extra},
+                )
+
+            if launch.standalone:
+                run_id, created = start(), True
+            else:  # every node of the job agrees on one run (see tasks/job_run.py)
+                key = job_run.job_key(launch.rdzv_endpoint, launch.rdzv_id, cfg.config_hash())
+                run_id, created = job_run.join_or_start(
+                    mlflow_utils.client(uri),
+                    mlflow_utils.get_or_create_experiment(request.experiment, uri),
+                    key,
+                    lambda: start(**{job_run.JOB_KEY_TAG: key}),
+                )
+                logger.info("multi-node job %s: MLflow run %s", key, run_id)
+            if created:
+                _record_run(run_id, info, identity, uri, cfg.model)
     try:
         out = (
             request.output_dir
@@ -254,10 +270,14 @@ def train_pipeline(request: TrainRequest = TRAIN_DEFAULTS) -> dict[str, Any]:
         ):
             train_out = _train_task(request)(cfg, launch)
         timings["train_job"] = round(train_out["job_seconds"], 3)
-        if not train_out["result"]:  # a non-main node of a multi-node job
-            mlflow_utils.end_run(run_id, uri=uri)
+        if not train_out["result"]:  # a non-main node: rank 0's node evaluates and ends the run
             return {"run_id": run_id, "output_dir": out, "node_rank": request.node_rank,
-                    "timings": timings, "started_at": started_at}  # fmt: skip
+                    "rank0": False, "timings": timings, "started_at": started_at}  # fmt: skip
+        if not launch.standalone:  # this node hosted global rank 0: it owns the run from here
+            from mlflow.entities import RunTag
+
+            tags = [RunTag(k, v) for k, v in process_tags().items()]
+            mlflow_utils.client(uri).log_batch(run_id, tags=tags)
         with suppress(Exception):  # run.yaml/result.json as artifacts: nice to have
             mlflow_utils.log_run_files(run_id, cfg.output_dir, uri=uri)
         name = registry.registered_name(

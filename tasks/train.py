@@ -6,6 +6,7 @@ import json
 import os
 import shlex
 import time
+import uuid
 from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from prefect.runtime import task_run
 
 import cnn
 from cnn.config import TrainConfig
+from cnn.dist import NODE_TOKEN_ENV
 from tasks.launch import (
     JobCancelledError,
     JobSlots,
@@ -93,6 +95,8 @@ def train_model(
         }
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+        if not launch.standalone:  # rank 0 writes it into result.json: "was rank 0 here?"
+            env[NODE_TOKEN_ENV] = node_token = uuid.uuid4().hex
         if task_run.run_count > 1:
             # Fault injection (CNNPIPE_TEST_*, see cnn/train.py) hits the first attempt only,
             # as the engine's hook does across torchrun restarts, so a retry can succeed.
@@ -107,9 +111,13 @@ def train_model(
             raise
         job_seconds = time.perf_counter() - t0
     result_path = out / "result.json"
-    if not result_path.exists() and not launch.standalone:
-        # Multi-node: only the node hosting global rank 0 writes the result.
-        logger.info("no result.json on this node (global rank 0 runs elsewhere)")
+    if launch.standalone:
+        result = json.loads(result_path.read_text())
+    else:
+        result = json.loads(result_path.read_text()) if result_path.exists() else {}
+    if not launch.standalone and result.get("node_token") != node_token:
+        # Multi-node: global rank 0 ran on another node (its result.json, if this node sees one
+        # on a shared output directory, carries that node's token).
+        logger.info("global rank 0 ran on another node: its flow evaluates and registers")
         return {"output_dir": str(out), "result": {}, "job_seconds": job_seconds, "command": cmd}
-    result = json.loads(result_path.read_text())
     return {"output_dir": str(out), "result": result, "job_seconds": job_seconds, "command": cmd}
