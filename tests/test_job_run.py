@@ -4,17 +4,15 @@ through the tracking store before torchrun assigns ranks. Real MLflow (SQLite st
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
 
 from tasks import job_run
 
 
-def _store(tmp_path: Path) -> tuple[object, str, str]:
+def _store(uri: str) -> tuple[object, str, str]:
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = mlflow.MlflowClient(uri)
     return c, uri, c.create_experiment("jobs")
 
@@ -28,10 +26,10 @@ def _starter(c, exp: str, key: str, created: list[str]):
     return start
 
 
-def test_nodes_starting_together_share_one_run(tmp_path: Path) -> None:
+def test_nodes_starting_together_share_one_run(mlflow_store: str) -> None:
     import mlflow
 
-    c, uri, exp = _store(tmp_path)
+    c, uri, exp = _store(mlflow_store)
     key = job_run.job_key("10.0.0.1:29500", "job-7", "abc123")
     created: list[str] = []
     results: list[tuple[str, bool]] = []
@@ -55,8 +53,8 @@ def test_nodes_starting_together_share_one_run(tmp_path: Path) -> None:
     assert len(created) >= 1
 
 
-def test_a_later_node_joins_and_other_jobs_do_not(tmp_path: Path, monkeypatch) -> None:
-    c, _, exp = _store(tmp_path)
+def test_a_later_node_joins_and_other_jobs_do_not(mlflow_store: str, monkeypatch) -> None:
+    c, _, exp = _store(mlflow_store)
     monkeypatch.setattr(job_run, "SETTLE_S", 0.0)
     key = job_run.job_key("10.0.0.1:29500", "job-7", "abc123")
     first, mine = job_run.join_or_start(c, exp, key, _starter(c, exp, key, []))
@@ -73,11 +71,11 @@ def test_a_later_node_joins_and_other_jobs_do_not(tmp_path: Path, monkeypatch) -
     assert mine and again != first
 
 
-def test_a_stale_run_of_the_same_key_is_not_joined(tmp_path: Path, monkeypatch) -> None:
+def test_a_stale_run_of_the_same_key_is_not_joined(mlflow_store: str, monkeypatch) -> None:
     """A crashed job's run, still RUNNING days later, is not picked up by a new job."""
     import time
 
-    c, _, exp = _store(tmp_path)
+    c, _, exp = _store(mlflow_store)
     monkeypatch.setattr(job_run, "SETTLE_S", 0.0)
     key = job_run.job_key("10.0.0.1:29500", "cnnpipe", "abc123")
     stale = c.create_run(
