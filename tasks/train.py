@@ -98,7 +98,7 @@ def train_model(
         if not launch.standalone:  # rank 0 writes it into result.json: "was rank 0 here?"
             env[NODE_TOKEN_ENV] = node_token = uuid.uuid4().hex
         if task_run.run_count > 1:
-            # Fault injection (CNNPIPE_TEST_*, see cnn/train.py) hits the first attempt only,
+            # Fault injection (CNNPIPE_TEST_*, see cnn/callbacks.py) hits the first attempt only,
             # as the engine's hook does across torchrun restarts, so a retry can succeed.
             env.update({k: "" for k in os.environ if k.startswith("CNNPIPE_TEST_")})
             logger.info("attempt %d: resuming from %s", task_run.run_count, out / "checkpoints")
