@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from cnn.config import RECIPES_DIR, TrainConfig, find_recipe, resolve_config
+from cnn.folders import find_folder_root
 from tasks.launch import LaunchSpec
 from tasks.request import CompareRequest, TrainRequest
 
@@ -211,32 +212,6 @@ class FolderCounts:
                 n_val = max(1, min(n_val, n - 1))
             total += n - n_val
         return total
-
-
-def find_folder_root(data_dir: str | Path) -> Path:
-    """`data_dir` itself if it holds train/, or its single child that does (as cnn.data)."""
-    data_dir = Path(data_dir)
-    if data_dir.exists() and not data_dir.is_dir():
-        raise ValueError(
-            f"--data-dir {data_dir} is a file, not a directory; pass the folder that holds "
-            "train/<class>/<image> (unpack an archive first: tar -xzf FILE -C DIR)"
-        )
-    if not data_dir.is_dir():
-        raise FileNotFoundError(
-            f"image folder {data_dir} does not exist; pass --data-dir pointing at a directory "
-            "with train/<class>/<image> (and val/ or test/)"
-        )
-    if (data_dir / "train").is_dir():
-        return data_dir
-    candidates = [p for p in sorted(data_dir.iterdir()) if (p / "train").is_dir()]
-    if len(candidates) == 1:
-        return candidates[0]
-    found = ", ".join(p.name for p in sorted(data_dir.iterdir())[:10]) or "nothing"
-    raise FileNotFoundError(
-        f"no train/ folder in {data_dir} (found: {found}); an image folder needs "
-        "train/<class>/<image> plus optional val/ and test/"
-        + (f"; several children have train/: {[p.name for p in candidates]}" if candidates else "")
-    )
 
 
 def count_imagefolder(data_dir: str | Path) -> FolderCounts:

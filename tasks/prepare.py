@@ -20,7 +20,7 @@ def _source_fingerprint(context: Any, parameters: dict[str, Any]) -> str:
     and prepare's own content hash decides. (Downloaded datasets are fixed by their checksums.)"""
     if str(parameters.get("dataset", "")).lower() != "imagefolder":
         return "fixed-source"
-    from cnn.data.sources import find_folder_root
+    from cnn.folders import find_folder_root
 
     try:
         root = find_folder_root(parameters.get("data_dir") or "data")

@@ -89,7 +89,7 @@ def data_identity(info: Any, data_dir: str | Path | None = None) -> DataIdentity
     split += f",n={int(info.splits.get('test', 0))}"
     name, folder = str(info.dataset), ""
     if name == "imagefolder" and data_dir is not None:
-        from cnn.data.sources import find_folder_root
+        from cnn.folders import find_folder_root
 
         root = find_folder_root(data_dir).resolve()
         name, folder = _safe(root.name), str(root)

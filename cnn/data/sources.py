@@ -32,6 +32,7 @@ import torchvision.datasets as tvd
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..atomic import atomic_write
+from ..folders import find_folder_root
 
 log = logging.getLogger(__name__)
 
@@ -392,27 +393,6 @@ class FolderScan:
 
     def labels(self, split: str) -> torch.Tensor:
         return torch.tensor([lab for _, lab in self.files[split]], dtype=torch.int64)
-
-
-def find_folder_root(data_dir: str | Path) -> Path:
-    """``data_dir`` itself if it holds ``train/``, or its single child that does."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(
-            f"image folder {data_dir} does not exist; pass --data-dir pointing at a directory "
-            "with train/<class>/<image> (and val/ or test/)"
-        )
-    if (data_dir / "train").is_dir():
-        return data_dir
-    candidates = [p for p in sorted(data_dir.iterdir()) if (p / "train").is_dir()]
-    if len(candidates) == 1:
-        return candidates[0]
-    found = ", ".join(p.name for p in sorted(data_dir.iterdir())[:10]) or "nothing"
-    raise FileNotFoundError(
-        f"no train/ folder in {data_dir} (found: {found}); an image folder needs "
-        "train/<class>/<image> plus optional val/ and test/"
-        + (f"; several children have train/: {[p.name for p in candidates]}" if candidates else "")
-    )
 
 
 def scan_imagefolder(data_dir: str | Path) -> FolderScan:
