@@ -1,0 +1,69 @@
+"""The one image decoder (cnn/data/images.py): header sizes from the bytes, the pixel limit
+before any decode, the same pixels as Pillow."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnn.data.images import decode_file, header_size
+
+
+def _encoded(fmt: str, size: tuple[int, int], **kw) -> bytes:
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "kw"),
+    [
+        ("JPEG", {}),
+        ("JPEG", {"progressive": True}),
+        ("JPEG", {"exif": Image.Exif() or b"Exif\x00\x00" + b"\x00" * 3000}),
+        ("PNG", {}),
+    ],
+)
+def test_header_size_matches_pillow(fmt: str, kw: dict) -> None:
+    for size in [(32, 32), (500, 375), (17, 301)]:
+        data = _encoded(fmt, size, **kw)
+        assert header_size(data) == size == Image.open(io.BytesIO(data)).size
+
+
+def test_other_formats_and_garbage_fall_back() -> None:
+    assert header_size(_encoded("GIF", (20, 10))) is None
+    assert header_size(_encoded("BMP", (20, 10))) is None
+    assert header_size(b"\xff\xd8\x00garbage") is None
+    assert header_size(b"") is None
+
+
+def _png_claiming(w: int, h: int) -> bytes:
+    """A tiny PNG whose header claims w x h (a decompression bomb's shape)."""
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))  # noqa: E731
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def test_pixel_limit_is_checked_before_decoding(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_claiming(30000, 30000))
+    with pytest.raises(ValueError, match=r"bomb.png is 30000x30000 .* max_image_pixels"):
+        decode_file(bomb, 32)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "BMP"])
+def test_decode_file_gives_pillows_pixels(tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / f"x.{fmt.lower()}"
+    path.write_bytes(_encoded(fmt, (40, 24)))
+    x = decode_file(path, 40)
+    ref = np.asarray(Image.open(path).convert("RGB")).transpose(2, 0, 1)
+    assert tuple(x.shape) == (3, 24, 40)
+    assert np.abs(x.numpy().astype(int) - ref.astype(int)).mean() < 2  # same decoder family
