@@ -68,6 +68,36 @@ _HASH_EXCLUDED = frozenset(
 )
 
 
+# The config's sections: MLflow params are named `section.key` (the UI groups them), and
+# `--set section.key=value` is accepted beside the plain key. Every field is in exactly one
+# section (a test checks it).
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "model": ("model", "pretrained", "freeze_backbone", "num_classes"),
+    "data": (
+        "dataset", "data_dir", "cache_dir", "download", "mirror", "skip_bad_images",
+        "val_fraction", "resolution", "input_size", "aug", "loader_mode", "num_workers",
+        "storage", "image_cap", "decoder", "max_image_pixels",
+    ),
+    "optim": (
+        "epochs", "batch_size", "eval_batch_size", "lr", "optimizer", "momentum", "nesterov",
+        "weight_decay", "label_smoothing", "grad_clip", "grad_accum", "ema", "ema_decay",
+        "target_accuracy",
+    ),
+    "schedule": (
+        "schedule", "warmup_epochs", "pct_start", "div_factor", "final_div_factor",
+        "min_lr_frac", "step_size", "gamma",
+    ),
+    "perf": ("precision", "channels_last", "compile", "sync_bn", "num_threads", "device"),
+    "repro": ("seed", "deterministic"),
+    "run": (
+        "recipe", "output_dir", "ckpt_interval_steps", "max_restarts", "nproc_per_node",
+        "nnodes", "rdzv_endpoint",
+    ),
+    "tracking": ("mlflow_run_id", "mlflow_tracking_uri", "log_interval", "progress_seconds"),
+}  # fmt: skip
+_SECTION_OF = {key: section for section, keys in SECTIONS.items() for key in keys}
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs. `batch_size` is GLOBAL (summed over ranks and
@@ -159,6 +189,14 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of primitives (safe for YAML, JSON, MLflow params and weights_only)."""
         return dataclasses.asdict(self)
+
+    def sectioned(self) -> dict[str, dict[str, Any]]:
+        """`{section: {key: value}}` without unset (None) values: the MLflow params."""
+        flat = self.to_dict()
+        return {
+            section: {k: flat[k] for k in keys if flat[k] is not None}
+            for section, keys in SECTIONS.items()
+        }
 
     def to_yaml(self, path: str | Path) -> Path:
         """Write the full resolved config (every field), so a run is reproducible from it."""
@@ -429,6 +467,15 @@ def coerce_values(data: dict[str, Any], *, source: str = "config") -> dict[str, 
     out: dict[str, Any] = {}
     for key, value in data.items():
         norm = str(key).replace("-", "_")
+        section, dot, rest = norm.partition(".")
+        if dot and section in SECTIONS:  # `optim.lr` = `lr`, checked against its section
+            if rest not in SECTIONS[section]:
+                where = f"; {rest!r} is in section {_SECTION_OF[rest]!r}" if rest in types_ else ""
+                raise ValueError(
+                    f"unknown config key {key!r} in {source}: section {section!r} has no "
+                    f"{rest!r}{where}" + ("" if where else _suggest(rest, SECTIONS[section]))
+                )
+            norm = rest
         if norm not in types_:
             raise ValueError(
                 f"unknown config key {key!r} in {source}"

@@ -443,7 +443,7 @@ def _run(
         log(f"resumed from {resume_path} at epoch {state.epoch} step {state.step}", flush=True)
     eng.wrap()
     tracker = Tracker(cfg.mlflow_run_id, cfg.mlflow_tracking_uri, info.is_main)
-    tracker.log_params(cfg.to_dict())
+    tracker.log_params(cfg.sectioned())  # `section.key` names, grouped in the MLflow UI
     for row in state.history:  # idempotent: fills in anything a crash kept from being logged
         tracker.log_metrics(_epoch_metrics(row), step=row["epoch"])
 

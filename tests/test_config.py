@@ -188,3 +188,23 @@ def test_shipped_recipes_parse() -> None:
         data = yaml.safe_load((C.RECIPES_DIR / f"{name}.yaml").read_text()) or {}
         cfg = TrainConfig.from_dict(data, source=name)
         assert cfg.epochs >= 1
+
+
+def test_every_field_is_in_exactly_one_section() -> None:
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    listed = [k for keys in C.SECTIONS.values() for k in keys]
+    assert sorted(listed) == sorted(names)  # none missing, none twice, none unknown
+
+
+def test_sectioned_keys_in_overrides_and_params() -> None:
+    assert parse_overrides(["optim.lr=0.2", "model.model=resnet18_cifar"]) == {
+        "lr": 0.2,
+        "model": "resnet18_cifar",
+    }
+    with pytest.raises(ValueError, match="'lr' is in section 'optim'"):
+        parse_overrides(["data.lr=0.2"])
+    with pytest.raises(ValueError, match="section 'optim' has no 'lrr'.*did you mean 'lr'"):
+        parse_overrides(["optim.lrr=0.2"])
+    sections = TrainConfig(lr=0.2).sectioned()
+    assert sections["optim"]["lr"] == 0.2 and sections["model"]["model"] == "lenet5"
+    assert "pretrained" not in sections["model"]  # unset (None) values are left out

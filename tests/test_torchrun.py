@@ -117,7 +117,7 @@ def test_sigkilled_rank_resumes_and_mlflow_logs_once(
     def check_mlflow() -> None:
         assert len(client.search_runs([exp])) == 1  # no second run was created
         params = client.get_run(run_id).data.params
-        assert params["model"] == "lenet5" and params["lr"] == "0.02"
+        assert params["model.model"] == "lenet5" and params["optim.lr"] == "0.02"
         for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
                     "images_per_s"):  # fmt: skip
             steps = [m.step for m in client.get_metric_history(run_id, key)]
