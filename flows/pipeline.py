@@ -276,8 +276,8 @@ def train_pipeline(request: TrainRequest = TRAIN_DEFAULTS) -> dict[str, Any]:
         if not launch.standalone:  # this node hosted global rank 0: it owns the run from here
             from mlflow.entities import RunTag
 
-            tags = [RunTag(k, v) for k, v in process_tags().items()]
-            mlflow_utils.client(uri).log_batch(run_id, tags=tags)
+            owner = [RunTag(k, v) for k, v in process_tags().items()]
+            mlflow_utils.client(uri).log_batch(run_id, tags=owner)
         with suppress(Exception):  # run.yaml/result.json as artifacts: nice to have
             mlflow_utils.log_run_files(run_id, cfg.output_dir, uri=uri)
         name = registry.registered_name(

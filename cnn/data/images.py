@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.io import ImageReadMode, decode_image
 
 # Pillow's own decompression-bomb limit (about 89 M pixels, a 9459x9459 image).
 MAX_IMAGE_PIXELS = 89_478_485
@@ -99,12 +99,10 @@ def decode_file(
             return x[0] if x.ndim == 4 else x
     with open_checked(path, max_pixels) as img:
         fmt = img.format
-    if size is None and fmt in ("GIF", "WEBP"):
-        try:
-            x = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    if size is None and fmt in ("GIF", "WEBP"):  # the bytes are read already: no second read
+        with contextlib.suppress(RuntimeError):  # a variant torchvision refuses: PIL below
+            x = decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), ImageReadMode.RGB)
             return x[0] if x.ndim == 4 else x
-        except RuntimeError:
-            pass  # e.g. a PNG variant libpng refuses: PIL below
     with open_checked(path, max_pixels) as img:
         img.draft("RGB", (size_hint, size_hint))
         return torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
