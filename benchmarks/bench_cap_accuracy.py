@@ -69,7 +69,7 @@ def main() -> None:
             t0 = time.perf_counter()
             with contextlib.redirect_stdout(sys.stderr):  # training log -> stderr
                 res = train(cfg)
-            shutil.rmtree(cfg.output_dir, ignore_errors=True)
+            shutil.rmtree(cfg.run.output_dir, ignore_errors=True)
             accs.append(res["best_val_accuracy"])
             print(f"{name} seed {seed}: val {res['best_val_accuracy']:.4f} "
                   f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip

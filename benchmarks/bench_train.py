@@ -113,10 +113,10 @@ def run_engine(
             f"cache_dir={workdir / CACHE}",
             f"output_dir={out}",
             f"num_threads={threads}",
-            f"nproc_per_node={nproc}",
             "device=cpu",
             *overrides,
         ],
+        nproc_per_node=nproc,
     )
     # A fresh directory: a leftover checkpoint with the same config hash would be resumed.
     if out.exists():
@@ -136,7 +136,7 @@ def run_engine(
         str(run_yaml),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
-    log(f"{name}: {nproc} rank(s) x {threads} thread(s), {cfg.epochs} epoch(s)")
+    log(f"{name}: {nproc} rank(s) x {threads} thread(s), {cfg.optim.epochs} epoch(s)")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - t0

@@ -605,9 +605,10 @@ def engine_run(
             recipe=recipe,
             overrides=[
                 f"data_dir={ctx['data_root']}", f"cache_dir={ctx['cache']}", f"output_dir={out}",
-                f"device={device.type}", f"nproc_per_node={nproc}", "download=false",
+                f"device={device.type}", "download=false",
                 *(["num_threads=" + str(threads)] if threads else []), *overrides,
             ],
+            nproc_per_node=nproc,
         )  # fmt: skip
         run_yaml = cfg.to_yaml(work / f"{name}.yaml")
         if nproc == 1:
@@ -624,17 +625,17 @@ def engine_run(
             raise RuntimeError(f"{name}: cnn.train {why} after {secs:.0f} s: {text[-1500:]}")
         result = json.loads(result_path.read_text())
         hist = result["history"]
-        target = cfg.target_accuracy
+        target = cfg.run.target_accuracy
         hit = next((r for r in hist if target is not None and r["val_accuracy"] >= target), None)
         return {
-            "recipe": cfg.recipe,
+            "recipe": cfg.run.recipe,
             "model": model,
             "world_size": result.get("world_size"),
-            "epochs_planned": cfg.epochs,
-            "batch_size": cfg.batch_size,
+            "epochs_planned": cfg.optim.epochs,
+            "batch_size": cfg.optim.batch_size,
             "precision": cfg.resolved_precision(device.type),
-            "channels_last": cfg.channels_last,
-            "compile": cfg.compile,
+            "channels_last": cfg.perf.channels_last,
+            "compile": cfg.perf.compile,
             "target_val_accuracy": target,
             "reached": hit is not None,
             "epoch_reached": hit["epoch"] if hit else None,
@@ -798,8 +799,9 @@ def run_checks(args: argparse.Namespace, archive: Path) -> tuple[Report, list[st
         root = unpack(archive, work, sizes.per_class)
         unpack_s = time.perf_counter() - t0
         # The engine's own data kwargs, so every engine run below gets a cache hit.
-        cfg = TrainConfig(dataset="imagefolder", data_dir=str(root), cache_dir=str(ctx["cache"]),
-                          val_fraction=0.1, seed=0, download=False)  # fmt: skip
+        cfg = TrainConfig().replace(dataset="imagefolder", data_dir=str(root),
+                                    cache_dir=str(ctx["cache"]), val_fraction=0.1, seed=0,
+                                    download=False)  # fmt: skip
         info = prepare_dataset("imagefolder", **cfg.data_kwargs())
         ctx["data_root"], ctx["prepared"] = root, info
         return {"images_dir": str(root), "unpack_s": round(unpack_s, 1), "splits": info.splits,

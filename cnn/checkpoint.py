@@ -3,7 +3,7 @@
 A checkpoint is `{name: obj.state_dict()}` for each stateful object of the run (as torchtitan's
 checkpointer keeps it), plus the config, its hash and `meta`, in plain tensors and primitive
 containers only (RNG states as tensors, the config as a dict), so `torch.load(weights_only=True)`
-reads it without unpickling code. The engine's layout (`FORMAT` 2):
+reads it without unpickling code. The engine's layout (`FORMAT` 3):
 
     format, config, config_hash, meta,
     model, optimizer, scheduler, scaler, [ema], train_state, rng
@@ -32,8 +32,11 @@ from torch import nn
 
 from . import dist as D
 from .atomic import atomic_write
+from .config import LAUNCH_KEYS, TrainConfig
 
-FORMAT = 2  # 1: flat epoch/step/batch/meta (before TrainState); not resumable by this engine
+# 1: flat epoch/step/batch/meta (before TrainState); 2: a flat config (before its sections).
+# Neither is resumable by this engine; load_model_from_checkpoint reads both.
+FORMAT = 3
 CKPT_SUFFIX = ".pt"
 # Test hook (see tests/test_torchrun.py): SIGKILL this process in the middle of its N-th
 # checkpoint write, to prove a partial file never replaces the previous checkpoint.
@@ -267,21 +270,26 @@ def find_resume_checkpoint(ckpt_dir: str | Path, config_hash: str) -> Path | Non
 
 def load_model_from_checkpoint(
     path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True
-) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-    """Rebuild the trained model from a checkpoint alone -> (model in eval mode, config dict,
+) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
+    """Rebuild the trained model from a checkpoint alone -> (model in eval mode, its config,
     meta). With EMA enabled in the run, the EMA weights (the ones evaluated) are returned."""
     from cnn.models import get_model
 
     state = load_checkpoint(path, map_location="cpu")
-    cfg, meta = dict(state["config"]), dict(state.get("meta") or {})
+    raw = state["config"]
+    if not isinstance(raw.get("model"), dict):  # a flat config (format < 3): plain names
+        cfg = TrainConfig().replace(**{k: v for k, v in raw.items() if k not in LAUNCH_KEYS})
+    else:
+        cfg = TrainConfig.from_dict(raw, source=f"{path} (config)")
+    meta = dict(state.get("meta") or {})
     model = get_model(
-        cfg["model"],
+        cfg.model.name,
         num_classes=int(meta["num_classes"]),
         in_channels=int(meta.get("in_channels", 3)),
         input_size=meta.get("input_size"),
         # The structure a pretrained build has (GoogLeNet drops its aux heads, Inception v3
         # keeps transform_input), with random weights: the checkpoint supplies them.
-        pretrained_layout=bool(cfg.get("pretrained")),
+        pretrained_layout=bool(cfg.model.pretrained),
     )
     weights = state["model"]
     if use_ema and state.get("ema") is not None:

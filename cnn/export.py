@@ -214,13 +214,13 @@ def from_checkpoint(
         output=output,
         # The data settings that define the splits, so `cnnpipe evaluate` can rebuild them.
         info={
-            "model": str(cfg.get("model")),
-            "dataset": str(meta.get("dataset", cfg.get("dataset", ""))),
-            "val_fraction": cfg.get("val_fraction"),
-            "seed": cfg.get("seed"),
-            "resolution": cfg.get("resolution"),
-            "storage": cfg.get("storage"),
-            "image_cap": cfg.get("image_cap"),
+            "model": cfg.model.name,
+            "dataset": str(meta.get("dataset", cfg.data.dataset)),
+            "val_fraction": cfg.data.val_fraction,
+            "seed": cfg.repro.seed,
+            "resolution": cfg.data.resolution,
+            "storage": cfg.data.storage,
+            "image_cap": cfg.data.image_cap,
         },
     ).to(device)
 

@@ -63,11 +63,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return cls(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
+    groups = param_groups(model, cfg.optim.weight_decay)
+    if cfg.optim.optimizer == "sgd":
+        return torch.optim.SGD(
+            groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov
+        )
+    cls = torch.optim.Adam if cfg.optim.optimizer == "adam" else torch.optim.AdamW
+    return cls(groups, lr=cfg.optim.lr, betas=(cfg.optim.momentum, 0.999))
 
 
 def build_scheduler(
@@ -75,27 +77,29 @@ def build_scheduler(
 ) -> lr_scheduler.LRScheduler:
     """torch's schedulers, stepped once per optimizer step, with lengths derived from epochs
     (so a recipe's schedule stretches or shrinks with `epochs`)."""
-    total = cfg.epochs * steps_per_epoch
-    if cfg.schedule == "onecycle" and total >= 4:
+    total = cfg.optim.epochs * steps_per_epoch
+    if cfg.schedule.name == "onecycle" and total >= 4:
         # OneCycleLR divides by zero when a phase is shorter than one step: clamp for tiny runs.
-        pct = min(max(cfg.pct_start, 2 / total), (total - 2) / total)
+        pct = min(max(cfg.schedule.pct_start, 2 / total), (total - 2) / total)
         return lr_scheduler.OneCycleLR(
             optimizer,
-            max_lr=cfg.lr,
+            max_lr=cfg.optim.lr,
             total_steps=total,
             pct_start=pct,
-            div_factor=cfg.div_factor,
-            final_div_factor=cfg.final_div_factor,
+            div_factor=cfg.schedule.div_factor,
+            final_div_factor=cfg.schedule.final_div_factor,
             cycle_momentum=False,  # keep the configured momentum / beta1
         )
-    warm = min(round(cfg.warmup_epochs * steps_per_epoch), max(total - 1, 0))
-    if cfg.schedule == "cosine":
+    warm = min(round(cfg.schedule.warmup_epochs * steps_per_epoch), max(total - 1, 0))
+    if cfg.schedule.name == "cosine":
         main: lr_scheduler.LRScheduler = lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=max(total - warm, 1), eta_min=cfg.lr * cfg.min_lr_frac
+            optimizer, T_max=max(total - warm, 1), eta_min=cfg.optim.lr * cfg.schedule.min_lr_frac
         )
-    elif cfg.schedule == "step":
+    elif cfg.schedule.name == "step":
         main = lr_scheduler.StepLR(
-            optimizer, step_size=max(1, round(cfg.step_size * steps_per_epoch)), gamma=cfg.gamma
+            optimizer,
+            step_size=max(1, round(cfg.schedule.step_size * steps_per_epoch)),
+            gamma=cfg.schedule.gamma,
         )
     else:  # constant (or onecycle on a run too short to cycle)
         main = lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
@@ -195,8 +199,8 @@ def _prepare_data(cfg: TrainConfig, info: D.DistInfo) -> Any:
     for mine in phases:
         if mine:
             kwargs = cfg.data_kwargs()
-            kwargs["download"] = cfg.download and info.local_rank == 0
-            prepared = prepare_dataset(cfg.dataset, **kwargs)
+            kwargs["download"] = cfg.source.download and info.local_rank == 0
+            prepared = prepare_dataset(cfg.data.dataset, **kwargs)
         D.barrier(info)
     return prepared
 
@@ -317,7 +321,7 @@ class Engine:
 
     def wrap(self) -> None:
         """Compile before wrapping in DDP, as the engine's contract says (after any resume)."""
-        self.model = torch.compile(self.raw) if self.cfg.compile else self.raw
+        self.model = torch.compile(self.raw) if self.cfg.perf.compile else self.raw
         self.eval_model = self.model
         if self.info.world_size > 1:
             device = self.info.device
@@ -333,9 +337,9 @@ class Engine:
 
     def optimizer_step(self) -> None:
         """Clip, step (through the scaler), zero the grads, advance the schedule and the EMA."""
-        if self.cfg.grad_clip:
+        if self.cfg.optim.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
+            nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.optim.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -356,7 +360,7 @@ class Engine:
             num_classes,
             device=self.info.device,
             autocast_dtype=self.amp_dtype,
-            channels_last=self.cfg.channels_last,
+            channels_last=self.cfg.perf.channels_last,
         )
 
 
@@ -400,14 +404,14 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> dict[str, Any
     t_start = time.perf_counter()
     _, _, world, local_world = D.env_world()
     cfg.validate(nproc_per_node=local_world, nnodes=max(1, world // local_world))
-    if cfg.deterministic:
+    if cfg.repro.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any cuBLAS call
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmuls on Ampere+
-    info = D.init_distributed(cfg.device, cfg.num_threads)
+    info = D.init_distributed(cfg.runtime.device, cfg.runtime.num_threads)
     try:
         return _run(cfg, info, t_start, callbacks or Callbacks())
     finally:
@@ -419,10 +423,10 @@ def _run(
 ) -> dict[str, Any]:
     """Set up, resume, run epochs of `train_one_epoch` + `evaluate`, test the best checkpoint."""
     log = print if info.is_main else _quiet
-    ckpt_dir, cfg_hash = Path(cfg.output_dir) / "checkpoints", cfg.config_hash()
+    ckpt_dir, cfg_hash = Path(cfg.run.output_dir) / "checkpoints", cfg.config_hash()
     resume_path = _resume_point(cfg, info, ckpt_dir, cfg_hash)
     log(
-        f"cnn.train: {cfg.model} on {cfg.dataset}, world {info.world_size} "
+        f"cnn.train: {cfg.model.name} on {cfg.data.dataset}, world {info.world_size} "
         f"({info.local_world_size}/node), device {info.device}, threads/rank "
         f"{torch.get_num_threads()}, config_hash {cfg_hash}",
         flush=True,
@@ -435,28 +439,28 @@ def _run(
         ckpt_dir,
         {**eng.stateful(), "train_state": state,  # before rng: its reseed reads state.step
          "rng": RankRNG(info.device, info.rank, info.world_size,
-                        lambda: seed_everything(cfg.seed + info.rank + 1000 * state.step))},
+                        lambda: seed_everything(cfg.repro.seed + info.rank + 1000 * state.step))},
         config=cfg.to_dict(), config_hash=cfg_hash, meta=data.meta, is_main=info.is_main,
     )  # fmt: skip
     if resume_path is not None:
         ckpt.load(resume_path)
         log(f"resumed from {resume_path} at epoch {state.epoch} step {state.step}", flush=True)
     eng.wrap()
-    tracker = Tracker(cfg.mlflow_run_id, cfg.mlflow_tracking_uri, info.is_main)
+    tracker = Tracker(cfg.tracking.mlflow_run_id, cfg.tracking.mlflow_tracking_uri, info.is_main)
     tracker.log_params(cfg.sectioned())  # `section.key` names, grouped in the MLflow UI
     for row in state.history:  # idempotent: fills in anything a crash kept from being logged
         tracker.log_metrics(_epoch_metrics(row), step=row["epoch"])
 
     progress = Progress(
-        every_s=cfg.progress_seconds,
-        log_interval=cfg.log_interval,
-        epochs=cfg.epochs,
+        every_s=cfg.tracking.progress_seconds,
+        log_interval=cfg.tracking.log_interval,
+        epochs=cfg.optim.epochs,
         steps_per_epoch=data.steps_per_epoch,
-        global_batch=cfg.batch_size,
+        global_batch=cfg.optim.batch_size,
     )
     guard = NonFiniteGuard(info, data.steps_per_epoch, ckpt.last)
     reached = False
-    while state.epoch < cfg.epochs and not reached:
+    while state.epoch < cfg.optim.epochs and not reached:
         t_epoch = time.perf_counter()
         sums, images_per_s = train_one_epoch(
             eng, data.loaders.train, state, data.steps_per_epoch, progress, guard, ckpt, callbacks
@@ -471,10 +475,10 @@ def _run(
         )  # fmt: skip
         tracker.log_metrics(_epoch_metrics(row), step=state.epoch)  # before saving: cnn.tracking
         ckpt.save(best=is_best)
-        log(_epoch_line(row, state, cfg.epochs, is_best), flush=True)
-        reached = cfg.target_accuracy is not None and val.accuracy >= cfg.target_accuracy
+        log(_epoch_line(row, state, cfg.optim.epochs, is_best), flush=True)
+        reached = cfg.run.target_accuracy is not None and val.accuracy >= cfg.run.target_accuracy
         if reached:
-            log(f"target_accuracy {cfg.target_accuracy:.2%} reached at epoch {state.epoch}",
+            log(f"target_accuracy {cfg.run.target_accuracy:.2%} reached at epoch {state.epoch}",
                 flush=True)  # fmt: skip
 
     test = _test_best(eng, ckpt, data)
@@ -499,7 +503,7 @@ def train_one_epoch(
     sums over all ranks and its training images/s."""
     from cnn.models import main_logits, training_loss
 
-    cfg, info, accum = eng.cfg, eng.info, eng.cfg.grad_accum
+    cfg, info, accum = eng.cfg, eng.info, eng.cfg.optim.grad_accum
     t_epoch = t_mark = time.perf_counter()  # t_mark: last time train_seconds was updated
     start_batch = state.batch
     base = state.partial if start_batch else EpochSums()
@@ -521,7 +525,7 @@ def train_one_epoch(
     for i, (x, y) in enumerate(loader.iterate(start_batch=start_batch), start_batch):
         if i >= n_micro:  # leftover micro-batches that do not fill an optimizer step
             break
-        if cfg.channels_last:
+        if cfg.perf.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         last_micro = (i + 1) % accum == 0
         sync = nullcontext() if last_micro or info.world_size == 1 else eng.model.no_sync()
@@ -541,10 +545,10 @@ def train_one_epoch(
         guard.record(step_loss, state.step)
         eng.optimizer_step()
         state.step += 1
-        state.train_images += cfg.batch_size
+        state.train_images += cfg.optim.batch_size
         callbacks.on_step_end(state)
         at_epoch_end = i + 1 >= n_micro
-        want_ckpt = cfg.ckpt_interval_steps and state.step % cfg.ckpt_interval_steps == 0
+        want_ckpt = cfg.run.ckpt_interval_steps and state.step % cfg.run.ckpt_interval_steps == 0
         if state.step % guard.every == 0 or want_ckpt or at_epoch_end:
             guard.check()
         if info.is_main and progress.due(state.step):
@@ -558,7 +562,7 @@ def train_one_epoch(
     sums = summed()
     now = time.perf_counter()
     state.train_seconds += now - t_mark
-    images = (n_micro - start_batch) // accum * cfg.batch_size
+    images = (n_micro - start_batch) // accum * cfg.optim.batch_size
     return sums, images / max(now - t_epoch, 1e-9)
 
 
@@ -575,8 +579,8 @@ def _resume_point(cfg: TrainConfig, info: D.DistInfo, ckpt_dir: Path, cfg_hash: 
     resume_path = find_resume_checkpoint(ckpt_dir, cfg_hash) if info.is_main else None
     resume_path = D.broadcast_object(resume_path)
     if info.is_main:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        cfg.to_yaml(Path(cfg.output_dir) / "run.yaml")
+        Path(cfg.run.output_dir).mkdir(parents=True, exist_ok=True)
+        cfg.to_yaml(Path(cfg.run.output_dir) / "run.yaml")
     return cast("Path | None", resume_path)
 
 
@@ -587,7 +591,7 @@ def _build_data(cfg: TrainConfig, info: D.DistInfo) -> Data:
     from cnn.data.resolve import resolve_data_config
     from cnn.models import model_info
 
-    minfo = model_info(cfg.model)
+    minfo = model_info(cfg.model.name)
     prepared = _prepare_data(cfg, info)
     data_cfg = resolve_data_config(
         model_input_size=minfo.input_size,
@@ -597,9 +601,9 @@ def _build_data(cfg: TrainConfig, info: D.DistInfo) -> Data:
         model_source=minfo.source,
         data_mean=prepared.mean,
         data_std=prepared.std,
-        input_size=cfg.input_size,
-        aug=cfg.aug,
-        pretrained=bool(cfg.pretrained),
+        input_size=cfg.data.input_size,
+        aug=cfg.data.aug,
+        pretrained=bool(cfg.model.pretrained),
     )
     normalize = (data_cfg.mean, data_cfg.std)
     loaders = build_loaders(
@@ -607,27 +611,28 @@ def _build_data(cfg: TrainConfig, info: D.DistInfo) -> Data:
         input_size=data_cfg.input_size,
         resize_size=data_cfg.resize_size,
         style=data_cfg.style,
-        batch_size=cfg.batch_size // cfg.grad_accum,  # loader batch = one micro-batch (global)
-        eval_batch_size=cfg.eval_batch_size,
+        batch_size=cfg.optim.batch_size
+        // cfg.optim.grad_accum,  # loader batch = one micro-batch (global)
+        eval_batch_size=cfg.runtime.eval_batch_size,
         rank=info.rank,
         world_size=info.world_size,
-        seed=cfg.seed,
+        seed=cfg.repro.seed,
         device=info.device,
-        mode=cfg.loader_mode,
-        num_workers=cfg.num_workers,
+        mode=cfg.runtime.loader_mode,
+        num_workers=cfg.runtime.num_workers,
         normalize=normalize,
-        decoder=cfg.decoder,
+        decoder=cfg.data.decoder,
     )
-    steps_per_epoch = len(loaders.train) // cfg.grad_accum
+    steps_per_epoch = len(loaders.train) // cfg.optim.grad_accum
     if steps_per_epoch < 1:
         raise ValueError(
             f"the train split has {prepared.splits.get('train')} images, fewer than one global "
-            f"batch of {cfg.batch_size}; lower batch_size"
+            f"batch of {cfg.optim.batch_size}; lower batch_size"
         )
-    num_classes = cfg.num_classes or loaders.num_classes
+    num_classes = cfg.model.num_classes or loaders.num_classes
     if num_classes != loaders.num_classes:
         raise ValueError(
-            f"num_classes={cfg.num_classes} but dataset {cfg.dataset!r} has "
+            f"num_classes={cfg.model.num_classes} but dataset {cfg.data.dataset!r} has "
             f"{loaders.num_classes} classes; set num_classes: null (take it from the data)"
         )
     classes = list(loaders.classes)
@@ -640,7 +645,7 @@ def _build_data(cfg: TrainConfig, info: D.DistInfo) -> Data:
         "resize_size": data_cfg.resize_size,
         "mean": list(normalize[0]),
         "std": list(normalize[1]),
-        "dataset": cfg.dataset,
+        "dataset": cfg.data.dataset,
         "test_is_val": bool(prepared.test_is_val),
     }
     return Data(prepared, loaders, data_cfg, num_classes, classes, steps_per_epoch, meta)
@@ -652,23 +657,24 @@ def _build_engine(cfg: TrainConfig, info: D.DistInfo, data: Data, log: Any) -> E
     from cnn.models import get_model
 
     device = info.device
-    seed_everything(cfg.seed)
+    seed_everything(cfg.repro.seed)
     raw = get_model(
-        cfg.model,
+        cfg.model.name,
         num_classes=data.num_classes,
         in_channels=data.loaders.in_channels,
-        pretrained=cfg.pretrained,
-        freeze_backbone=cfg.freeze_backbone,
+        pretrained=cfg.model.pretrained,
+        freeze_backbone=cfg.model.freeze_backbone,
         input_size=data.config.input_size,
     )
-    if cfg.sync_bn and info.world_size > 1:
+    if cfg.perf.sync_bn and info.world_size > 1:
         raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
     raw.to(
-        device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format
+        device,
+        memory_format=torch.channels_last if cfg.perf.channels_last else torch.preserve_format,
     )
     ema = (
-        AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-        if cfg.ema
+        AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema_decay), use_buffers=True)
+        if cfg.optim.ema
         else None
     )
     optimizer = build_optimizer(cfg, raw)
@@ -681,8 +687,8 @@ def _build_engine(cfg: TrainConfig, info: D.DistInfo, data: Data, log: Any) -> E
             flush=True,
         )
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    seed_everything(cfg.seed + info.rank)  # per-rank streams (dropout etc.) from here on
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    seed_everything(cfg.repro.seed + info.rank)  # per-rank streams (dropout etc.) from here on
     return Engine(
         cfg, info, raw, ema, optimizer, scheduler, scaler, criterion, AMP_DTYPES[precision]
     )
@@ -757,7 +763,7 @@ def _report(
     result: dict[str, Any],
 ) -> None:
     """Main rank only: result.json, the final metrics in MLflow, the test line."""
-    atomic_write_json(Path(cfg.output_dir) / "result.json", result)
+    atomic_write_json(Path(cfg.run.output_dir) / "result.json", result)
     tracker.log_metrics(
         {"test_accuracy": test.accuracy, "test_top5": test.top5, "test_loss": test.loss,
          "best_val_accuracy": state.best_val_accuracy},
@@ -768,7 +774,7 @@ def _report(
         + (f" top5 {test.top5:.2%}" if test.top5 is not None else "")
         + f" loss {test.loss:.4f} (best epoch {state.best_epoch}, "
         f"{'val' if data.prepared.test_is_val else 'test'} split) -> "
-        f"{cfg.output_dir}/result.json",
+        f"{cfg.run.output_dir}/result.json",
         flush=True,
     )
 

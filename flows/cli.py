@@ -296,18 +296,21 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _prepare_settings(overrides: list[str] | None) -> dict[str, Any]:
     """``--set storage=shards image_cap=320 max_image_pixels=N`` for ``cnnpipe prepare``, checked
     by the same config fields (and messages) as ``cnnpipe train --set``."""
-    from cnn.config import TrainConfig, parse_overrides
+    from cnn.config import PLAIN_KEYS, TrainConfig, parse_overrides
 
-    keys = ("storage", "image_cap", "max_image_pixels")
+    keys = {"data.storage": "storage", "data.image_cap": "image_cap",
+            "source.max_image_pixels": "max_image_pixels"}  # fmt: skip
     values = parse_overrides(overrides or [])
-    unknown = sorted(set(values) - set(keys))
+    plain = {dotted: name for name, dotted in PLAIN_KEYS.items()}
+    unknown = sorted(plain[k] for k in set(values) - set(keys))
     if unknown:
         raise ValueError(
-            f"cnnpipe prepare --set accepts {', '.join(keys)}; got {', '.join(unknown)}"
+            f"cnnpipe prepare --set accepts {', '.join(keys.values())}; got {', '.join(unknown)}"
         )
     cfg = TrainConfig().replace(**values)
     cfg.validate()
-    return {k: getattr(cfg, k) for k in keys}
+    flat = {f"{name}.{k}": v for name, section in cfg.to_dict().items() for k, v in section.items()}
+    return {plain: flat[dotted] for dotted, plain in keys.items()}
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -140,11 +140,12 @@ def _gpus_used(cfg: Any, launch: LaunchSpec) -> int:
 
 def _run_description(cfg: Any, identity: registry.DataIdentity) -> str:
     """The MLflow run's notes: what was trained on what, with which recipe."""
-    weights = f", from {cfg.pretrained} weights" if cfg.pretrained else ""
+    weights = f", from {cfg.model.pretrained} weights" if cfg.model.pretrained else ""
+    o = cfg.optim
     return (
-        f"{cfg.model} on {identity.name} ({len(identity.classes)} classes{weights}); recipe "
-        f"{cfg.recipe or 'default'}: {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, "
-        f"{cfg.optimizer}/{cfg.schedule}; evaluated on {identity.eval_split}."
+        f"{cfg.model.name} on {identity.name} ({len(identity.classes)} classes{weights}); recipe "
+        f"{cfg.run.recipe or 'default'}: {o.epochs} epochs, batch {o.batch_size}, lr {o.lr}, "
+        f"{o.optimizer}/{cfg.schedule.name}; evaluated on {identity.eval_split}."
     )
 
 
@@ -204,7 +205,7 @@ def train_pipeline(request: TrainRequest = TRAIN_DEFAULTS) -> dict[str, Any]:
     logger.info(
         "dataset %s: %s (%s)", request.dataset, info.path, "cache hit" if cached else "prepared"
     )
-    identity = registry.data_identity(info, cfg.data_dir)
+    identity = registry.data_identity(info, cfg.source.data_dir)
     flow_run_id = _flow_run_id()
     with _stage(timings, "mlflow_run"):
         # A retried or rescheduled flow run keeps its id: continue its MLflow run and output
@@ -219,7 +220,7 @@ def train_pipeline(request: TrainRequest = TRAIN_DEFAULTS) -> dict[str, Any]:
             logger.info("flow run %s: continuing MLflow run %s", flow_run_id, run_id)
         else:
             tags = {
-                "model": cfg.model,
+                "model": cfg.model.name,
                 "dataset": info.dataset,
                 "dataset.source_hash": info.source_hash,
                 "dataset.cache": str(info.path),
@@ -231,7 +232,7 @@ def train_pipeline(request: TrainRequest = TRAIN_DEFAULTS) -> dict[str, Any]:
 
             def start(**extra: str) -> str:
                 return mlflow_utils.start_run(
-                    f"{cfg.model}-{identity.name}",
+                    f"{cfg.model.name}-{identity.name}",
                     experiment=request.experiment,
                     uri=uri,
                     description=_run_description(cfg, identity),
@@ -250,23 +251,23 @@ def train_pipeline(request: TrainRequest = TRAIN_DEFAULTS) -> dict[str, Any]:
                 )
                 logger.info("multi-node job %s: MLflow run %s", key, run_id)
             if created:
-                _record_run(run_id, info, identity, uri, cfg.model)
+                _record_run(run_id, info, identity, uri, cfg.model.name)
     try:
         out = (
             request.output_dir
             or (previous.data.tags.get("output_dir") if previous is not None else None)
-            or str(Path("runs") / f"{cfg.model}-{info.dataset}-{run_id[:8]}")
+            or str(Path("runs") / f"{cfg.model.name}-{info.dataset}-{run_id[:8]}")
         )
         cfg = cfg.replace(
             output_dir=str(Path(out).resolve()), mlflow_run_id=run_id, mlflow_tracking_uri=uri
         )
-        mlflow_utils.client(uri).set_tag(run_id, "output_dir", cfg.output_dir)
+        mlflow_utils.client(uri).set_tag(run_id, "output_dir", cfg.run.output_dir)
         # Host-wide GPU slots (Prefect global concurrency limit): another flow run on this
         # machine waits here instead of oversubscribing the GPUs.
         with (
             _stage(timings, "train"),
             gpu_limit.host_gpus(_gpus_used(cfg, launch)),
-            _training_log(Path(cfg.output_dir), flow_run_id),
+            _training_log(Path(cfg.run.output_dir), flow_run_id),
         ):
             train_out = _train_task(request)(cfg, launch)
         timings["train_job"] = round(train_out["job_seconds"], 3)
@@ -279,9 +280,9 @@ def train_pipeline(request: TrainRequest = TRAIN_DEFAULTS) -> dict[str, Any]:
             owner = [RunTag(k, v) for k, v in process_tags().items()]
             mlflow_utils.client(uri).log_batch(run_id, tags=owner)
         with suppress(Exception):  # run.yaml/result.json as artifacts: nice to have
-            mlflow_utils.log_run_files(run_id, cfg.output_dir, uri=uri)
+            mlflow_utils.log_run_files(run_id, cfg.run.output_dir, uri=uri)
         name = registry.registered_name(
-            cfg.model, identity, request.register_as, mlflow_utils.client(uri)
+            cfg.model.name, identity, request.register_as, mlflow_utils.client(uri)
         )
         metrics, reg = _evaluate_and_register(
             train_out, info, run_id, name if request.to_registry else None, timings, name, uri,
@@ -308,7 +309,7 @@ def train_pipeline(request: TrainRequest = TRAIN_DEFAULTS) -> dict[str, Any]:
         "images_per_s": result["images_per_s"],
         "champion_reason": reg["reason"] if reg else None,
         "model_uri": reg["model_uri"] if reg else None,
-        "output_dir": cfg.output_dir,
+        "output_dir": cfg.run.output_dir,
         "tracking_uri": uri,
         "epochs_completed": result["epochs_completed"],
         "resumed_from": result.get("resumed_from"),
@@ -384,13 +385,13 @@ def compare_architectures(request: CompareRequest = COMPARE_DEFAULTS) -> dict[st
         experiment=request.experiment,
         uri=uri,
         description=(
-            f"Comparison of {', '.join(names)} on {info.dataset}, {first_cfg.epochs} epochs "
+            f"Comparison of {', '.join(names)} on {info.dataset}, {first_cfg.optim.epochs} epochs "
             f"each (recipe {recipe or 'per model'}); one child run per model."
         ),
         params={
             "models": ",".join(names),
             "dataset": info.dataset,
-            "epochs": first_cfg.epochs,
+            "epochs": first_cfg.optim.epochs,
             "recipe": recipe or "per-model",
             "batch_size": request.batch_size,
             "lr": request.lr,
@@ -417,37 +418,39 @@ def compare_architectures(request: CompareRequest = COMPARE_DEFAULTS) -> dict[st
         hold.enter_context(gpu_limit.host_gpus(gpus))
         for cfg, launch in plans:
             child = mlflow_utils.start_run(
-                f"{cfg.model}-{info.dataset}",
+                f"{cfg.model.name}-{info.dataset}",
                 experiment=request.experiment,
                 uri=uri,
                 parent_run_id=parent,
                 tags={
-                    "model": cfg.model,
+                    "model": cfg.model.name,
                     "dataset": info.dataset,
                     "config_hash": cfg.config_hash(),
                     **process_tags(),
                 },
             )
             cfg = cfg.replace(
-                output_dir=str(base / cfg.model), mlflow_run_id=child, mlflow_tracking_uri=uri
+                output_dir=str(base / cfg.model.name), mlflow_run_id=child, mlflow_tracking_uri=uri
             )
             fut = _train_task(request).submit(cfg, launch, slots)
             futures[fut] = cfg
-            children[cfg.model] = child
-            rows[cfg.model] = {"model": cfg.model, "run_id": child, "status": "running"}
+            children[cfg.model.name] = child
+            rows[cfg.model.name] = {"model": cfg.model.name, "run_id": child, "status": "running"}
         for fut in as_completed(list(futures)):
             cfg = futures[fut]
-            row, child = rows[cfg.model], children[cfg.model]
+            row, child = rows[cfg.model.name], children[cfg.model.name]
             try:
                 train_out = fut.result()
                 timings: dict[str, float] = {}
-                identity = registry.data_identity(info, cfg.data_dir)
+                identity = registry.data_identity(info, cfg.source.data_dir)
                 name = (
-                    registry.registered_name(cfg.model, identity, None, mlflow_utils.client(uri))
+                    registry.registered_name(
+                        cfg.model.name, identity, None, mlflow_utils.client(uri)
+                    )
                     if request.to_registry
                     else None
                 )
-                label = f"{cfg.model}-{identity.name}"
+                label = f"{cfg.model.name}-{identity.name}"
                 metrics, reg = _evaluate_and_register(
                     train_out, info, child, name, timings, label, uri, identity
                 )
@@ -464,7 +467,7 @@ def compare_architectures(request: CompareRequest = COMPARE_DEFAULTS) -> dict[st
                 )
                 mlflow_utils.end_run(child, uri=uri)
             except Exception as exc:  # one model failing must not hide the others' results
-                logger.error("%s failed: %s", cfg.model, exc)
+                logger.error("%s failed: %s", cfg.model.name, exc)
                 row["status"] = f"failed: {str(exc).splitlines()[0][:120]}"
                 _end_failed_run(child, exc, uri)
         hold.close()  # training is over: release the GPU slots before publishing

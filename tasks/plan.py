@@ -378,8 +378,8 @@ def _clean(exc: BaseException) -> str:
 def _pretrained_kind(cfg: TrainConfig) -> str:
     """'name' (a weights name of the model) or 'file' (an existing file); raises for anything
     else: a missing file, a directory, a name the model does not have. No torch."""
-    info = models_table()["models"][cfg.model]
-    text = str(cfg.pretrained)
+    info = models_table()["models"][cfg.model.name]
+    text = str(cfg.model.pretrained)
     weights = info.get("weights") or []
     if text in weights or (text == "DEFAULT" and weights):
         return "name"
@@ -389,8 +389,8 @@ def _pretrained_kind(cfg: TrainConfig) -> str:
     if not looks_like_path:
         names = ", ".join(("DEFAULT", *weights)) if weights else "none (trained from scratch)"
         raise ValueError(
-            f"--pretrained {text!r} is neither a weights name of {cfg.model!r} ({names}) nor an "
-            "existing file; pass a weights name or the path of a local state-dict file"
+            f"--pretrained {text!r} is neither a weights name of {cfg.model.name!r} ({names}) "
+            "nor an existing file; pass a weights name or the path of a local state-dict file"
         )
     if not path.is_file():
         raise FileNotFoundError(
@@ -405,10 +405,10 @@ def _pretrained_kind(cfg: TrainConfig) -> str:
 def check_pretrained(cfg: TrainConfig) -> None:
     """`pretrained` is a weights name that is available (hub cache, or its host resolves) or a
     state-dict file that loads with weights_only=True and fits the architecture."""
-    if not cfg.pretrained:
+    if not cfg.model.pretrained:
         return
-    info = models_table()["models"][cfg.model]
-    text = str(cfg.pretrained)
+    info = models_table()["models"][cfg.model.name]
+    text = str(cfg.model.pretrained)
     if _pretrained_kind(cfg) == "name":
         name = info["default_weights"] if text == "DEFAULT" else text
         url = info["weights_urls"][name]
@@ -418,7 +418,7 @@ def check_pretrained(cfg: TrainConfig) -> None:
         if cached.is_file() or host_resolves(urlparse(url).hostname or ""):
             return
         raise FileNotFoundError(
-            f"the {name} weights of {cfg.model!r} are not in the torch hub cache and "
+            f"the {name} weights of {cfg.model.name!r} are not in the torch hub cache and "
             f"{urlparse(url).hostname} does not resolve (no network?); copy {url} to {cached}, "
             "or pass --pretrained PATH to a local state-dict file"
         )
@@ -436,8 +436,8 @@ def check_pretrained(cfg: TrainConfig) -> None:
     from cnn.models import get_model
 
     try:
-        get_model(cfg.model, num_classes=max(cfg.num_classes or 2, 2), pretrained=text,
-                  input_size=cfg.input_size)  # fmt: skip
+        get_model(cfg.model.name, num_classes=max(cfg.model.num_classes or 2, 2), pretrained=text,
+                  input_size=cfg.data.input_size)  # fmt: skip
     except (ValueError, FileNotFoundError) as exc:
         raise ValueError(_clean(exc)) from None
 
@@ -460,13 +460,13 @@ def check_dataset(dataset: str, data_dir: str | Path, download: bool = True) -> 
 
 
 def _check_batch(cfg: TrainConfig, train_size: int, where: str, world: int) -> None:
-    if cfg.batch_size <= train_size:
+    if cfg.optim.batch_size <= train_size:
         return
-    step = world * cfg.grad_accum
+    step = world * cfg.optim.grad_accum
     fit = (train_size // step) * step
     fix = f"use --batch-size {fit} or smaller" if fit else "add training images"
     raise ValueError(
-        f"global batch_size={cfg.batch_size} is larger than the training split ({train_size} "
+        f"global batch_size={cfg.optim.batch_size} is larger than the training split ({train_size} "
         f"images in {where}), so not one training step would run; {fix}"
     )
 
@@ -476,7 +476,7 @@ def _validate_values(cfg: TrainConfig, nproc_per_node: int, nnodes: int) -> None
     value errors (epochs=0, a bad optimizer name) are reported before seconds of imports and
     before the data checks. The full `validate` runs afterwards."""
     light = copy.copy(cfg)
-    light._validate_device = lambda nproc: None  # type: ignore[method-assign]
+    light._validate_device = lambda nproc, world: None  # type: ignore[method-assign]
     light._validate_model = lambda: None  # type: ignore[method-assign]
     light.validate(nproc_per_node=nproc_per_node, nnodes=nnodes)
 
@@ -506,25 +506,20 @@ def plan_training(
         max_restarts=request.max_restarts,
     )
     launch.validate()
-    extra: dict[str, Any] = {
-        "nproc_per_node": request.nproc_per_node,
-        "nnodes": request.nnodes,
-        "rdzv_endpoint": request.rdzv_endpoint,
-        "max_restarts": request.max_restarts,
-    }
+    extra: dict[str, Any] = {}
     if request.data_dir is not None:
-        extra["data_dir"] = request.data_dir
+        extra["source.data_dir"] = request.data_dir
     if request.cache_dir is not None:
-        extra["cache_dir"] = request.cache_dir
+        extra["source.cache_dir"] = request.cache_dir
     # Stage 1, no torch: names from the table, the recipe decided from the table.
     model, dataset, recipe = request.model, request.dataset, request.recipe
-    name = str(over.get("model") or model)
+    name = str(over.get("model.name") or model)
     check_model_name(name)
-    check_dataset_name(str(over.get("dataset") or dataset))
+    check_dataset_name(str(over.get("data.dataset") or dataset))
     if recipe:
         find_recipe(name, dataset, recipe)  # an explicit unknown recipe: named now
-    elif not request.config_file and "recipe" not in over:
-        recipe = recipe_for(name, _dataset_key(str(over.get("dataset") or dataset)))
+    elif not request.config_file and "run.recipe" not in over:
+        recipe = recipe_for(name, _dataset_key(str(over.get("data.dataset") or dataset)))
     cfg = resolve_config(
         model=model,
         dataset=dataset,
@@ -533,24 +528,27 @@ def plan_training(
         overrides={**extra, **over},
         validate=False,
     )
-    check_model_name(cfg.model)
-    key = check_dataset_name(cfg.dataset)
+    check_model_name(cfg.model.name)
+    key = check_dataset_name(cfg.data.dataset)
     _validate_values(cfg, launch.nproc_per_node, launch.nnodes)
     world = launch.nproc_per_node * launch.nnodes
     if key == "imagefolder":
-        folder = count_imagefolder(cfg.data_dir)
+        folder = count_imagefolder(cfg.source.data_dir)
         where = f"{folder.root / 'train'}" + (
-            "" if "val" in folder.counts else f" after holding out {cfg.val_fraction:g} for val"
+            ""
+            if "val" in folder.counts
+            else f" after holding out {cfg.data.val_fraction:g} for val"
         )
-        _check_batch(cfg, folder.train_size(cfg.val_fraction), where, world)
+        _check_batch(cfg, folder.train_size(cfg.data.val_fraction), where, world)
     else:
-        check_dataset(cfg.dataset, cfg.data_dir, cfg.download)
+        check_dataset(cfg.data.dataset, cfg.source.data_dir, cfg.source.download)
         n = _TRAIN_SIZES.get(key)
         if n:
-            _check_batch(cfg, int(n * (1 - cfg.val_fraction)), f"{key} train", world)
-        check_download(cfg.dataset, cfg.data_dir, cfg.cache_dir, download=cfg.download,
-                       mirror=cfg.mirror)  # fmt: skip
-    if cfg.pretrained:
+            _check_batch(cfg, int(n * (1 - cfg.data.val_fraction)), f"{key} train", world)
+        src = cfg.source
+        check_download(cfg.data.dataset, src.data_dir, src.cache_dir, download=src.download,
+                       mirror=src.mirror)  # fmt: skip
+    if cfg.model.pretrained:
         _pretrained_kind(cfg)  # a missing file or an unknown name: named before torch loads
     if after_quick_checks is not None:
         after_quick_checks()

@@ -74,7 +74,7 @@ def prepare_for(cfg: Any) -> tuple[PreparedInfo, bool]:
     """Run the task with a TrainConfig's data fields (the same ones the training job uses, so
     the job gets a cache hit) -> (info, prefect_cache_hit). A Prefect-cached result whose tensor
     cache was deleted meanwhile is recomputed."""
-    kwargs = {"dataset": cfg.dataset, **cfg.data_kwargs()}
+    kwargs = {"dataset": cfg.data.dataset, **cfg.data_kwargs()}
     state = prepare_dataset(**kwargs, return_state=True)
     info = state.result()
     cached = state.name == "Cached"

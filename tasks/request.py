@@ -60,18 +60,18 @@ class RunRequest:
     data_dir: str | None = option(None, "default: the config's data_dir (data)", "--data-dir")
     cache_dir: str | None = option(None, "default: <data-dir>/cache", "--cache-dir")
     epochs: int | None = option(None, "training epochs; default: the recipe's", "--epochs",
-                                type=int, config="epochs")  # fmt: skip
+                                type=int, config="optim.epochs")  # fmt: skip
     batch_size: int | None = option(None, "global batch size", "--batch-size", type=int,
-                                    config="batch_size")  # fmt: skip
-    lr: float | None = option(None, "peak learning rate", "--lr", type=float, config="lr")
+                                    config="optim.batch_size")  # fmt: skip
+    lr: float | None = option(None, "peak learning rate", "--lr", type=float, config="optim.lr")
     device: Literal["auto", "cpu", "cuda"] | None = option(
         None, "auto, cpu or cuda; default: the config's (auto)", "--device",
-        choices=("auto", "cpu", "cuda"), config="device",
+        choices=("auto", "cpu", "cuda"), config="runtime.device",
     )  # fmt: skip
     nproc_per_node: int = option(1, "processes (GPUs) per node", "--nproc-per-node", type=int)
     recipe: str | None = option(None, "a recipe in cnn/recipes/ (or a YAML path)", "--recipe")
     overrides: list[str] | dict[str, Any] | None = option(
-        None, "override any TrainConfig field (repeatable), e.g. --set weight_decay=1e-4",
+        None, "override any TrainConfig key (repeatable), e.g. --set optim.weight_decay=1e-4",
         "--set", action="append", metavar="KEY=VALUE",
     )  # fmt: skip
     experiment: str | None = option(None, "MLflow experiment (default: cnnpipe)", "--experiment")
@@ -130,11 +130,11 @@ class TrainRequest(RunRequest):
     model: str = option("lenet5", "see `cnnpipe models`", "--model", required=True)
     pretrained: str | None = option(
         None, "start from pretrained weights: a weights name (default DEFAULT) or a local file",
-        "--pretrained", nargs="?", const="DEFAULT", config="pretrained",
+        "--pretrained", nargs="?", const="DEFAULT", config="model.pretrained",
     )  # fmt: skip
     freeze_backbone: bool | None = option(
         None, "train only the new head", "--freeze-backbone", action="store_const", const=True,
-        config="freeze_backbone",
+        config="model.freeze_backbone",
     )  # fmt: skip
     config_file: str | None = option(
         None, "a TrainConfig YAML file (not with --recipe)", "--config"

@@ -75,8 +75,8 @@ def train_model(
     resumes from checkpoints/last.pt and keeps logging into the same run."""
     logger = get_run_logger()
     if stopping():  # a signal arrived: no further job starts (compare's next model)
-        raise JobCancelledError(f"{cfg.model}: not started, this process is stopping")
-    out = Path(cfg.output_dir)
+        raise JobCancelledError(f"{cfg.model.name}: not started, this process is stopping")
+    out = Path(cfg.run.output_dir)
     created = [p for p in (out, *out.parents) if not p.exists()]  # innermost first
     config_path = cfg.to_yaml(out / "run.yaml")
     (out / "result.json").unlink(missing_ok=True)  # never report a stale result
@@ -86,7 +86,7 @@ def train_model(
     with slot as gpus:
         if stopping():  # the signal came while this job waited for its slot
             _remove_if_empty_run(out, created)
-            raise JobCancelledError(f"{cfg.model}: not started, this process is stopping")
+            raise JobCancelledError(f"{cfg.model.name}: not started, this process is stopping")
         # The job imports `cnn` from this checkout even when the package is not installed.
         env = {
             "PYTHONPATH": os.pathsep.join(

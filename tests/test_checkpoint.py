@@ -27,6 +27,7 @@ from cnn.checkpoint import (
     set_rng_state,
     unwrap_model,
 )
+from cnn.config import TrainConfig
 from cnn.models import get_model
 from cnn.train import EpochSums, TrainState
 
@@ -40,7 +41,7 @@ def _state(step: int, config_hash: str = "h1") -> dict:
     opt.step()
     return {
         "format": FORMAT,
-        "config": {"model": "lenet5", "lr": 0.1, "pretrained": None},
+        "config": TrainConfig().replace(lr=0.1).to_dict(),
         "config_hash": config_hash,
         "meta": {"num_classes": 10, "classes": [str(k) for k in range(10)]},
         "model": model.state_dict(),
@@ -55,7 +56,7 @@ def test_roundtrip_weights_only_and_rng(tmp_path: Path) -> None:
     path = save_checkpoint(state, tmp_path / "ckpt" / "last.pt")
     # What we wrote must load under the strict unpickler (no code objects, no numpy arrays).
     raw = torch.load(path, weights_only=True)
-    assert raw["train_state"]["step"] == 5 and raw["config"]["pretrained"] is None
+    assert raw["train_state"]["step"] == 5 and raw["config"]["model"]["pretrained"] is None
     back = load_checkpoint(path)
     for k, v in state["model"].items():
         assert torch.equal(back["model"][k], v)
@@ -144,7 +145,7 @@ def test_checkpoint_is_state_dicts_of_the_stateful_objects(tmp_path: Path) -> No
     rng = RankRNG(torch.device("cpu"), 0, 1, reseed=lambda: None)
     objects = {"model": model, "optimizer": opt, "train_state": state, "rng": rng}
     meta = {"num_classes": 10, "classes": [str(k) for k in range(10)]}
-    ckpt = Checkpointer(tmp_path / "checkpoints", objects, config={"model": "lenet5"},
+    ckpt = Checkpointer(tmp_path / "checkpoints", objects, config=TrainConfig().to_dict(),
                         config_hash="h1", meta=meta, is_main=True)  # fmt: skip
     ckpt.save(best=True)
     raw = torch.load(ckpt.last, weights_only=True)
@@ -166,6 +167,18 @@ def test_checkpoint_is_state_dicts_of_the_stateful_objects(tmp_path: Path) -> No
     assert opt2.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
     assert load_model_from_checkpoint(ckpt.best)[2] == meta
     assert find_resume_checkpoint(tmp_path / "checkpoints", "h1") == ckpt.last
+
+    # A checkpoint of format 2 holds a flat config (before the sections, with the launch
+    # fields): not resumable, but its model still loads, with the config read by plain names.
+    old = {**torch.load(ckpt.best, weights_only=True), "format": 2}
+    old["config"] = {"model": "lenet5", "lr": 0.3, "nproc_per_node": 2, "pretrained": None}
+    save_checkpoint(old, tmp_path / "old" / "best.pt")
+    model3, cfg3, meta3 = load_model_from_checkpoint(tmp_path / "old" / "best.pt")
+    assert (cfg3.model.name, cfg3.optim.lr, meta3) == ("lenet5", 0.3, meta)
+    for k, v in model.state_dict().items():
+        assert torch.equal(model3.state_dict()[k], v)
+    with pytest.raises(ValueError, match=r"layout format 2, but this engine resumes format 3"):
+        find_resume_checkpoint(tmp_path / "old", config_hash="h1")
 
 
 def test_other_layout_is_refused_with_the_fix(tmp_path: Path) -> None:

@@ -18,9 +18,13 @@ def recipes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private recipes folder, so these tests do not depend on the shipped recipes' values."""
     d = tmp_path / "recipes"
     d.mkdir()
-    (d / "default.yaml").write_text("epochs: 3\nlr: 0.01\n")
-    (d / "lenet.yaml").write_text("epochs: 7\noptimizer: adam\nlr: 0.002\nbatch_size: 64\n")
-    (d / "lenet5-cifar10.yaml").write_text("epochs: 12\nschedule: onecycle\nlr: 0.004\n")
+    (d / "default.yaml").write_text("optim:\n  epochs: 3\n  lr: 0.01\n")
+    (d / "lenet.yaml").write_text(
+        "optim:\n  epochs: 7\n  optimizer: adam\n  lr: 0.002\n  batch_size: 64\n"
+    )
+    (d / "lenet5-cifar10.yaml").write_text(
+        "optim:\n  epochs: 12\n  lr: 0.004\nschedule:\n  name: onecycle\n"
+    )
     monkeypatch.setattr(C, "RECIPES_DIR", d)
     return d
 
@@ -36,23 +40,25 @@ def test_recipe_lookup_order(recipes: Path) -> None:
 
 def test_resolve_layers_recipe_file_overrides(recipes: Path, tmp_path: Path) -> None:
     file = tmp_path / "mine.yaml"
-    file.write_text("lr: 0.05\nbatch_size: 32\n")
+    file.write_text("optim:\n  lr: 0.05\n  batch_size: 32\n")
     cfg = resolve_config(
         model="lenet5",
         dataset="cifar10",
         config_file=file,
         overrides=["epochs=4", "label_smoothing=0.1", "pretrained=null", "ema=true"],
     )
-    assert cfg.recipe == "lenet5-cifar10"
-    assert cfg.schedule == "onecycle"  # from the recipe
-    assert cfg.lr == 0.05 and cfg.batch_size == 32  # the file beats the recipe
-    assert cfg.epochs == 4 and cfg.ema is True and cfg.label_smoothing == 0.1  # overrides win
-    assert cfg.output_dir == str(Path("runs") / "lenet5-cifar10")
+    assert cfg.run.recipe == "lenet5-cifar10"
+    assert cfg.schedule.name == "onecycle"  # from the recipe
+    assert cfg.optim.lr == 0.05 and cfg.optim.batch_size == 32  # the file beats the recipe
+    o = cfg.optim
+    assert o.epochs == 4 and o.ema is True and o.label_smoothing == 0.1  # overrides win
+    assert cfg.run.output_dir == str(Path("runs") / "lenet5-cifar10")
 
 
 def test_family_recipe_then_flags(recipes: Path) -> None:
     cfg = resolve_config(model="lenet5", dataset="mnist", overrides={"epochs": 2})
-    assert (cfg.recipe, cfg.optimizer, cfg.batch_size, cfg.epochs) == ("lenet", "adam", 64, 2)
+    got = (cfg.run.recipe, cfg.optim.optimizer, cfg.optim.batch_size, cfg.optim.epochs)
+    assert got == ("lenet", "adam", 64, 2)
 
 
 def test_override_type_coercion() -> None:
@@ -60,16 +66,17 @@ def test_override_type_coercion() -> None:
         ["lr=1e-3", "epochs=5", "nesterov=yes", "num_classes=none", "warmup_epochs=1", "seed=1e3"]
     )
     assert got == {
-        "lr": 0.001,
-        "epochs": 5,
-        "nesterov": True,
-        "num_classes": None,
-        "warmup_epochs": 1.0,
-        "seed": 1000,
+        "optim.lr": 0.001,
+        "optim.epochs": 5,
+        "optim.nesterov": True,
+        "model.num_classes": None,
+        "schedule.warmup_epochs": 1.0,
+        "repro.seed": 1000,
     }
-    assert isinstance(got["warmup_epochs"], float)
-    assert parse_overrides({"pretrained": True}) == {"pretrained": "DEFAULT"}
-    assert parse_overrides({"batch-size": "16"}) == {"batch_size": 16}
+    assert isinstance(got["schedule.warmup_epochs"], float)
+    assert parse_overrides({"pretrained": True}) == {"model.pretrained": "DEFAULT"}
+    assert parse_overrides({"batch-size": "16"}) == {"optim.batch_size": 16}
+    assert parse_overrides(["aug=none"]) == {"data.aug": "none"}  # a choice, not a null
 
 
 @pytest.mark.parametrize(
@@ -94,20 +101,25 @@ def test_unknown_key_suggests_close_name(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"'epoch'.*did you mean 'epochs'"):
         parse_overrides(["epoch=3"])
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model: lenet5\nbatchsize: 8\n")
-    with pytest.raises(ValueError, match=rf"'batchsize' in {bad}.*did you mean 'batch_size'"):
+    bad.write_text("model:\n  name: lenet5\noptim:\n  batchsize: 8\n")
+    with pytest.raises(ValueError, match=rf"'optim.batchsize' in {bad}.*did you mean 'batch_size'"):
+        TrainConfig.from_yaml(bad)
+    bad.write_text("optimm:\n  lr: 0.1\n")
+    with pytest.raises(ValueError, match=r"no section 'optimm' \(did you mean 'optim'\?\)"):
         TrainConfig.from_yaml(bad)
 
 
 def test_yaml_roundtrip_and_hash(tmp_path: Path) -> None:
-    cfg = TrainConfig(model="lenet5", epochs=3, lr=0.02, pretrained=None, num_classes=None)
+    cfg = TrainConfig().replace(
+        model="lenet5", epochs=3, lr=0.02, pretrained=None, num_classes=None
+    )
     path = cfg.to_yaml(tmp_path / "run.yaml")
     back = TrainConfig.from_yaml(path)
     assert back == cfg
-    assert set(yaml.safe_load(path.read_text())) == {f.name for f in dataclasses.fields(cfg)}
+    assert set(yaml.safe_load(path.read_text())) == set(C.SECTIONS)
     assert back.config_hash() == cfg.config_hash()
-    # Operational fields do not change the hash; result-changing ones do.
-    assert cfg.replace(output_dir="elsewhere", nproc_per_node=4).config_hash() == cfg.config_hash()
+    # Operational keys do not change the hash; result-changing ones do.
+    assert cfg.replace(output_dir="elsewhere", data_dir="x").config_hash() == cfg.config_hash()
     assert cfg.replace(mlflow_run_id="abc", log_interval=5).config_hash() == cfg.config_hash()
     assert cfg.replace(lr=0.03).config_hash() != cfg.config_hash()
     assert cfg.replace(epochs=4).config_hash() != cfg.config_hash()
@@ -117,7 +129,7 @@ def test_yaml_roundtrip_and_hash(tmp_path: Path) -> None:
     ("changes", "match"),
     [
         ({"optimizer": "adamm"}, r"optimizer='adamm' is not valid.*did you mean 'adam'"),
-        ({"schedule": "cosin"}, r"schedule='cosin'.*did you mean 'cosine'"),
+        ({"schedule": "cosin"}, r"schedule.name='cosin'.*did you mean 'cosine'"),
         ({"precision": "fp8"}, r"precision='fp8' is not valid; choose one of auto, bf16"),
         ({"device": "tpu"}, r"device='tpu' is not valid"),
         ({"aug": "heavy"}, r"aug='heavy' is not valid"),
@@ -138,16 +150,23 @@ def test_yaml_roundtrip_and_hash(tmp_path: Path) -> None:
         ({"input_size": 16}, r"input size 16 is below the minimum 32"),
         ({"freeze_backbone": True}, r"freeze_backbone=true without pretrained"),
         ({"precision": "fp16", "device": "cpu"}, r"precision='fp16' needs CUDA"),
-        ({"sync_bn": True, "device": "cpu", "nproc_per_node": 2}, r"sync_bn=true needs CUDA"),
+        ({"sync_bn": True, "device": "cpu"}, r"sync_bn=true needs CUDA"),
     ],
 )
 def test_validate_rejects(changes: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        dataclasses.replace(TrainConfig(device="cpu"), **changes).validate()
+        TrainConfig().replace(**{"device": "cpu", **changes}).validate(nproc_per_node=2)
+
+
+def test_validate_rejects_a_bad_choice_set_directly() -> None:
+    """A section built in code skips coercion; validate still checks the Literal choices."""
+    cfg = TrainConfig(optim=C.OptimSection(optimizer="adamm"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"optim.optimizer='adamm' is not valid.*'adam'"):
+        cfg.validate()
 
 
 def test_batch_not_divisible_by_world_size_names_numbers_and_fix() -> None:
-    cfg = TrainConfig(batch_size=100, device="cpu")
+    cfg = TrainConfig().replace(batch_size=100, device="cpu")
     cfg.validate(nproc_per_node=2)  # 100 / 2 is fine
     with pytest.raises(ValueError) as err:
         cfg.validate(nproc_per_node=3, nnodes=2)
@@ -161,16 +180,17 @@ def test_batch_not_divisible_by_world_size_names_numbers_and_fix() -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
 def test_cuda_requested_without_gpu() -> None:
     with pytest.raises(ValueError, match=r"device='cuda' was requested but no CUDA GPU"):
-        TrainConfig(device="cuda").validate()
+        TrainConfig().replace(device="cuda").validate()
 
 
 def test_more_processes_than_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     # Pretend this host has 2 GPUs: the check compares nproc_per_node with the device count.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    TrainConfig(device="cuda", batch_size=64).validate(nproc_per_node=2)
+    cfg = TrainConfig().replace(device="cuda", batch_size=64)
+    cfg.validate(nproc_per_node=2)
     with pytest.raises(ValueError, match=r"nproc_per_node=4 exceeds the 2 GPU\(s\)"):
-        TrainConfig(device="cuda", batch_size=64).validate(nproc_per_node=4)
+        cfg.validate(nproc_per_node=4)
 
 
 def test_resolve_validates_early(recipes: Path) -> None:
@@ -178,7 +198,8 @@ def test_resolve_validates_early(recipes: Path) -> None:
         resolve_config(
             model="lenet5",
             dataset="cifar10",
-            overrides=["batch_size=63", "nproc_per_node=2", "device=cpu"],
+            overrides=["batch_size=63", "device=cpu"],
+            nproc_per_node=2,
         )
 
 
@@ -187,24 +208,72 @@ def test_shipped_recipes_parse() -> None:
     for name in C.list_recipes():
         data = yaml.safe_load((C.RECIPES_DIR / f"{name}.yaml").read_text()) or {}
         cfg = TrainConfig.from_dict(data, source=name)
-        assert cfg.epochs >= 1
+        assert cfg.optim.epochs >= 1
 
 
-def test_every_field_is_in_exactly_one_section() -> None:
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
-    listed = [k for keys in C.SECTIONS.values() for k in keys]
-    assert sorted(listed) == sorted(names)  # none missing, none twice, none unknown
+def test_plain_names_are_unique_across_sections() -> None:
+    """`--set lr=0.1` must name one key: every key has its own plain name."""
+    keys = [(s, f.name) for s, cls in C.SECTIONS.items() for f in dataclasses.fields(cls)]
+    assert len(C.PLAIN_KEYS) == len(keys)
+    assert sorted(C.PLAIN_KEYS.values()) == sorted(f"{s}.{k}" for s, k in keys)
+
+
+def test_hash_covers_exactly_the_hashed_sections() -> None:
+    """By structure: changing any key of a HASHED section changes the hash, any other not."""
+    base = TrainConfig()
+    changed = {bool: lambda v: not v, int: lambda v: (v or 1) + 1, float: lambda v: v + 0.5,
+               str: lambda v: (v or "x") + "y"}  # fmt: skip
+    for name, cls in C.SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            value = getattr(getattr(base, name), f.name)
+            tp = type(value) if value is not None else str
+            section = dataclasses.replace(getattr(base, name), **{f.name: changed[tp](value)})
+            other = dataclasses.replace(base, **{name: section})
+            assert (other.config_hash() != base.config_hash()) == cls.HASHED, f"{name}.{f.name}"
+    hashed = {name for name, cls in C.SECTIONS.items() if cls.HASHED}
+    assert hashed == {"model", "data", "optim", "schedule", "perf", "repro"}
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("lr: 0.1\n", r"'lr' in .* is a flat key .*it is now optim.lr: write 'lr:' under 'optim:'"),
+        ("model: lenet5\n", r"'model' in .* is a config section.*write model: \{name: lenet5\}"),
+        ("schedule: cosine\n", r"write schedule: \{name: cosine\} \(the key schedule.name\)"),
+        ("nproc_per_node: 2\n", r"nproc_per_node .* is a launch setting.*--nproc-per-node"),
+        ("run:\n  max_restarts: 2\n", r"section 'run' has no 'max_restarts'"),
+    ],
+)
+def test_old_flat_yaml_names_the_new_key(tmp_path: Path, text: str, match: str) -> None:
+    old = tmp_path / "old.yaml"
+    old.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        TrainConfig.from_yaml(old)
+    with pytest.raises(ValueError, match=match):
+        resolve_config(model="lenet5", dataset="cifar10", config_file=old)
+
+
+def test_launch_settings_are_not_config_keys() -> None:
+    for key in C.LAUNCH_KEYS:
+        with pytest.raises(ValueError, match=rf"{key} in overrides is a launch setting"):
+            parse_overrides([f"{key}=2"])
+        with pytest.raises(ValueError, match="is a launch setting"):
+            TrainConfig().replace(**{key: 2})
 
 
 def test_sectioned_keys_in_overrides_and_params() -> None:
-    assert parse_overrides(["optim.lr=0.2", "model.model=resnet18_cifar"]) == {
-        "lr": 0.2,
-        "model": "resnet18_cifar",
+    assert parse_overrides(["optim.lr=0.2", "model.name=resnet18_cifar"]) == {
+        "optim.lr": 0.2,
+        "model.name": "resnet18_cifar",
+    }
+    assert parse_overrides(["model=resnet18_cifar", "schedule=cosine"]) == {
+        "model.name": "resnet18_cifar",
+        "schedule.name": "cosine",
     }
     with pytest.raises(ValueError, match="'lr' is in section 'optim'"):
         parse_overrides(["data.lr=0.2"])
     with pytest.raises(ValueError, match="section 'optim' has no 'lrr'.*did you mean 'lr'"):
         parse_overrides(["optim.lrr=0.2"])
-    sections = TrainConfig(lr=0.2).sectioned()
-    assert sections["optim"]["lr"] == 0.2 and sections["model"]["model"] == "lenet5"
+    sections = TrainConfig().replace(lr=0.2).sectioned()
+    assert sections["optim"]["lr"] == 0.2 and sections["model"]["name"] == "lenet5"
     assert "pretrained" not in sections["model"]  # unset (None) values are left out

@@ -90,7 +90,7 @@ def test_topk_uses_class_names_and_survives_pickling() -> None:
 def test_from_checkpoint_restores_preprocessing_and_classes(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = get_model("lenet5", num_classes=2)
-    cfg = TrainConfig(model="lenet5", dataset="imagefolder", val_fraction=0.2, seed=3)
+    cfg = TrainConfig().replace(model="lenet5", dataset="imagefolder", val_fraction=0.2, seed=3)
     meta = {
         "classes": ["ants", "bees"],
         "num_classes": 2,

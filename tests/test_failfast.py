@@ -144,7 +144,7 @@ def test_mlflow_sqlite_folder_missing_is_not_created(
 def test_yaml_parse_error_names_file_line_column(
     workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    (workdir / "bad.yaml").write_text("epochs: 3\nlr: [0.1, 0.2\nbatch_size: 4\n")
+    (workdir / "bad.yaml").write_text("optim:\n  lr: [0.1, 0.2\n  batch_size: 4\n")
     argv = ["train", "--model", "lenet5", "--dataset", "imagefolder", "--data-dir", "data",
             "--config", "bad.yaml"]  # fmt: skip
     err = _fails(argv, capsys, workdir)

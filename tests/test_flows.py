@@ -133,7 +133,7 @@ def test_one_mlflow_run_holds_everything(two_runs: Any) -> None:
     run = c.get_run(r["run_id"])
     assert run.info.status == "FINISHED"
     params = run.data.params  # `section.key` names
-    assert params["model.model"] == "lenet5" and params["optim.batch_size"] == "16"
+    assert params["model.name"] == "lenet5" and params["optim.batch_size"] == "16"
     assert {"val_accuracy", "train_loss", "test_accuracy"} <= set(run.data.metrics)
     assert run.data.tags["registered_model"] == f"lenet5-tiny/{r['model_version']}"
     files = {a.path for a in c.list_artifacts(r["run_id"], "evaluation")}

@@ -29,7 +29,7 @@ def test_prepare_is_cached_by_inputs_and_survives_a_deleted_cache(
     from tasks.prepare import prepare_for
 
     data = tiny_dataset(tmp_path / "data", n_train=4, n_val=2)
-    cfg = TrainConfig(model="lenet5", dataset="imagefolder", data_dir=str(data))
+    cfg = TrainConfig().replace(model="lenet5", dataset="imagefolder", data_dir=str(data))
 
     @flow
     def prepare_twice() -> list[tuple[str, bool]]:

@@ -169,7 +169,9 @@ def test_nccl_ddp_equals_one_rank(tiny_data: dict, tmp_path: Path, torch_globals
     assert code == 0, text[-4000:]
     one = tiny_config(tiny_data, tmp_path / "one", device="cuda", deterministic=False)
     train(one)
-    assert_params_close(model_params(two.output_dir), model_params(one.output_dir), atol=5e-3)
+    assert_params_close(
+        model_params(two.run.output_dir), model_params(one.run.output_dir), atol=5e-3
+    )
 
 
 @pytest.mark.gpu
@@ -185,7 +187,7 @@ def test_bf16_compile_channels_last_train_on_cuda(
     )  # fmt: skip
     result = train(cfg)
     assert result["epochs_completed"] == 1 and result["peak_memory_mb"] > 0
-    keys = model_params(cfg.output_dir).keys()
+    keys = model_params(cfg.run.output_dir).keys()
     assert "features.0.weight" in keys and not any("_orig_mod" in k for k in keys)
     eager = train(cfg.replace(compile=False, output_dir=str(tmp_path / "eager")))
     assert eager["epochs_completed"] == 1

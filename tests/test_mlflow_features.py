@@ -85,7 +85,7 @@ def test_run_is_readable_in_the_ui(pipeline_run: tuple[dict[str, Any], str, Path
     assert run.data.tags["mlflow.source.name"] == "cnnpipe"
     assert len(run.data.tags.get("mlflow.source.git.commit", "")) == 40
     params = run.data.params
-    assert params["model.model"] == "lenet5" and params["optim.epochs"] == "3"
+    assert params["model.name"] == "lenet5" and params["optim.epochs"] == "3"
     assert "None" not in params.values()  # unset options are left out, not logged as "None"
     files = {a.path for a in c.list_artifacts(run.info.run_id, "run")}
     assert {"run/run.yaml", "run/result.json", "run/train.log"} <= files

@@ -38,8 +38,10 @@ class Clock:
 
 
 def test_on_by_default_every_30_seconds() -> None:
-    assert TrainConfig().progress_seconds == 30.0
-    assert TrainConfig().log_interval == 0  # time-based lines do not depend on a step count
+    assert TrainConfig().tracking.progress_seconds == 30.0
+    assert (
+        TrainConfig().tracking.log_interval == 0
+    )  # time-based lines do not depend on a step count
 
 
 def test_line_is_owed_every_interval_with_images_rate_and_etas() -> None:

@@ -13,10 +13,10 @@ import yaml
 from cnn.config import (
     RECIPES_DIR,
     TrainConfig,
-    coerce_values,
     find_recipe,
     list_recipes,
     resolve_config,
+    values_of_file,
 )
 from cnn.models import list_models, model_info
 from cnn.train import build_scheduler
@@ -61,15 +61,17 @@ def test_recipe_is_a_valid_config(name: str) -> None:
     raw = yaml.safe_load(path.read_text())
     assert isinstance(raw, dict) and raw, f"{path} is empty or not a mapping"
     unknown = set(raw) - {f for f in TrainConfig.__dataclass_fields__}
-    assert not unknown, f"{path} has keys TrainConfig does not know: {sorted(unknown)}"
-    coerce_values(raw, source=str(path))  # types coerce (e.g. `lr: 1.0e-3` is a float)
+    assert not unknown, f"{path} has sections TrainConfig does not know: {sorted(unknown)}"
+    values = values_of_file(path)  # keys known, types coerce (e.g. `lr: 1.0e-3` is a float)
     model = _model_for(name)
     cfg = resolve_config(model=model, dataset="cifar10", recipe=name)  # validates
-    assert cfg.recipe == name
-    for key, value in coerce_values(raw).items():
-        assert getattr(cfg, key) == value, f"{name}: {key} not taken from the recipe"
+    assert cfg.run.recipe == name
+    for dotted, value in values.items():
+        section, _, key = dotted.partition(".")
+        got = getattr(getattr(cfg, section), key)
+        assert got == value, f"{name}: {dotted} not taken from the recipe"
     # Warm-up in epochs would not fit `--epochs 1`: recipes warm up by fraction (one-cycle).
-    assert cfg.warmup_epochs == 0, f"{name}: use schedule onecycle + pct_start for warm-up"
+    assert cfg.schedule.warmup_epochs == 0, f"{name}: use schedule onecycle + pct_start for warm-up"
 
 
 @pytest.mark.parametrize("model", list_models())
@@ -106,27 +108,28 @@ def test_unknown_model_falls_back_to_default() -> None:
 
 
 def test_overrides_and_config_file_win_over_the_recipe(tmp_path: Path) -> None:
-    recipe = yaml.safe_load((RECIPES_DIR / "lenet5-cifar10.yaml").read_text())
+    recipe = yaml.safe_load((RECIPES_DIR / "lenet5-cifar10.yaml").read_text())["optim"]
     cfg = resolve_config(model="lenet5", dataset="cifar10")
-    assert (cfg.recipe, cfg.epochs, cfg.lr) == ("lenet5-cifar10", recipe["epochs"], recipe["lr"])
+    got = (cfg.run.recipe, cfg.optim.epochs, cfg.optim.lr)
+    assert got == ("lenet5-cifar10", recipe["epochs"], recipe["lr"])
 
     file = tmp_path / "mine.yaml"
-    file.write_text("epochs: 3\nlr: 0.2\n")
+    file.write_text("optim:\n  epochs: 3\n  lr: 0.2\n")
     cfg = resolve_config(
         model="lenet5", dataset="cifar10", config_file=file, overrides=["lr=0.3", "batch_size=64"]
     )
-    assert cfg.epochs == 3  # config file over recipe
-    assert cfg.lr == 0.3  # flag over config file
-    assert cfg.batch_size == 64  # flag over recipe
-    assert cfg.optimizer == recipe["optimizer"]  # the rest still comes from the recipe
-    assert cfg.recipe == "lenet5-cifar10"
+    assert cfg.optim.epochs == 3  # config file over recipe
+    assert cfg.optim.lr == 0.3  # flag over config file
+    assert cfg.optim.batch_size == 64  # flag over recipe
+    assert cfg.optim.optimizer == recipe["optimizer"]  # the rest still comes from the recipe
+    assert cfg.run.recipe == "lenet5-cifar10"
 
 
 def test_explicit_recipe_name_and_bad_name() -> None:
     cfg = resolve_config(
         model="mobilenet_v2", dataset="imagefolder", recipe="mobilenet_v2-hymenoptera"
     )
-    assert cfg.pretrained == "DEFAULT" and cfg.recipe == "mobilenet_v2-hymenoptera"
+    assert cfg.model.pretrained == "DEFAULT" and cfg.run.recipe == "mobilenet_v2-hymenoptera"
     with pytest.raises(ValueError, match="mobilenet_v2-hymenoptera"):  # suggests the close name
         resolve_config(
             model="mobilenet_v2", dataset="imagefolder", recipe="mobilenet_v2-hymenopter"
@@ -135,17 +138,17 @@ def test_explicit_recipe_name_and_bad_name() -> None:
 
 def test_recipe_file_with_unknown_key_is_refused(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text("epochs: 3\nlearning_rate: 0.1\n")
+    bad.write_text("optim:\n  epochs: 3\n  learning_rate: 0.1\n")
     with pytest.raises(ValueError, match="learning_rate"):
         resolve_config(model="lenet5", dataset="cifar10", recipe=str(bad))
 
 
 def _lrs(cfg: TrainConfig, steps_per_epoch: int) -> list[float]:
     params = [torch.nn.Parameter(torch.zeros(1))]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
+    opt = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=0.9)
     sched = build_scheduler(cfg, opt, steps_per_epoch)
     lrs = []
-    for _ in range(cfg.epochs * steps_per_epoch):
+    for _ in range(cfg.optim.epochs * steps_per_epoch):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
@@ -171,17 +174,17 @@ def test_schedule_adapts_to_epochs(model: str, dataset: str, recipe: str | None,
     steps = 20
     lrs = _lrs(cfg, steps)
     peak = max(lrs)
-    assert peak == pytest.approx(cfg.lr, rel=0.05)
-    assert lrs[0] < 0.5 * cfg.lr, "no warm-up"
-    assert lrs[-1] < 0.05 * cfg.lr, "not annealed by the last step"
+    assert peak == pytest.approx(cfg.optim.lr, rel=0.05)
+    assert lrs[0] < 0.5 * cfg.optim.lr, "no warm-up"
+    assert lrs[-1] < 0.05 * cfg.optim.lr, "not annealed by the last step"
     top = lrs.index(peak)
     assert 0 < top < len(lrs) - 1
     assert all(a <= b + 1e-12 for a, b in zip(lrs[:top], lrs[1 : top + 1], strict=True))
     assert all(a >= b - 1e-12 for a, b in zip(lrs[top:], lrs[top + 1 :], strict=False))
     # The peak sits at the same fraction of the run, whatever its length.
     frac = top / len(lrs)
-    assert cfg.schedule == "onecycle"
-    assert frac == pytest.approx(cfg.pct_start, abs=2 / len(lrs) + 0.01)
+    assert cfg.schedule.name == "onecycle"
+    assert frac == pytest.approx(cfg.schedule.pct_start, abs=2 / len(lrs) + 0.01)
 
 
 # ------------------------------------------------------------------ benchmarks/bench_train.py

@@ -36,7 +36,8 @@ def test_cli_builds_the_request() -> None:
     assert (req.train_retries, req.config_file, req.to_registry) == (0, "c.yaml", False)
     # The shortcut options over --set, merged in one place.
     assert req.config_overrides() == {
-        "weight_decay": 0, "epochs": 2, "lr": 0.5, "freeze_backbone": True,
+        "optim.weight_decay": 0, "optim.epochs": 2, "optim.lr": 0.5,
+        "model.freeze_backbone": True,
     }  # fmt: skip
     plain = TrainRequest.from_args(build_parser().parse_args(TRAIN))
     assert plain == TrainRequest(model="lenet5", dataset="imagefolder")

@@ -50,7 +50,7 @@ def _config(root: Path, out: Path, **changes) -> TrainConfig:
         ckpt_interval_steps=CKPT_EVERY,
     )
     base.update(changes)
-    return TrainConfig(**base)
+    return TrainConfig().replace(**base)
 
 
 def test_killed_rank_resumes_without_repeating_or_skipping_samples(tmp_path: Path) -> None:
@@ -86,7 +86,7 @@ def test_killed_rank_resumes_without_repeating_or_skipping_samples(tmp_path: Pat
     for epoch in (0, 1):
         assert sorted(used[epoch]) == list(range(STEPS * BATCH)), f"epoch {epoch}"
 
-    result = json.loads((Path(cfg.output_dir) / "result.json").read_text())
+    result = json.loads((Path(cfg.run.output_dir) / "result.json").read_text())
     assert result["epochs_completed"] == 2 and result["world_size"] == 2
     assert sum(sum(row) for row in result["test"]["confusion_matrix"]) == 15  # every test image
     ckpt_meta = result.get("data_config") or {}

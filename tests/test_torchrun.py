@@ -57,7 +57,7 @@ def reference(tiny_data: dict, tmp_path_factory: pytest.TempPathFactory) -> Path
     code, log = run(torchrun_cmd(2, write_config(cfg), "--standalone"), timeout=TIMEOUT)
     assert code == 0, log[-4000:]
     assert log.count("epoch 1/2 train_loss") == 1  # progress printed by rank 0 only
-    return Path(cfg.output_dir)
+    return Path(cfg.run.output_dir)
 
 
 def test_two_ranks_equal_one_rank(
@@ -68,9 +68,9 @@ def test_two_ranks_equal_one_rank(
     in-process (no launch cost)."""
     cfg = tiny_config(tiny_data, tmp_path / "one", ckpt_interval_steps=CKPT_EVERY)
     train(cfg)
-    assert_params_close(model_params(reference), model_params(cfg.output_dir), atol=1e-5)
+    assert_params_close(model_params(reference), model_params(cfg.run.output_dir), atol=1e-5)
     two = json.loads((reference / "result.json").read_text())
-    one = json.loads((Path(cfg.output_dir) / "result.json").read_text())
+    one = json.loads((Path(cfg.run.output_dir) / "result.json").read_text())
     assert (two["world_size"], one["world_size"]) == (2, 1)
     assert two["test"]["confusion_matrix"] == one["test"]["confusion_matrix"]
     assert two["test"]["accuracy"] == one["test"]["accuracy"]
@@ -109,15 +109,15 @@ def test_sigkilled_rank_resumes_and_mlflow_logs_once(
     assert resumed[0].endswith(f"checkpoints/last.pt at epoch 1 step {2 * CKPT_EVERY}")
     redone = kill_step - 2 * CKPT_EVERY
     assert 0 < redone <= CKPT_EVERY  # at most one checkpoint interval of work repeated
-    result = json.loads((Path(cfg.output_dir) / "result.json").read_text())
+    result = json.loads((Path(cfg.run.output_dir) / "result.json").read_text())
     assert result["resumed_from"].endswith("last.pt") and result["epochs_completed"] == 2
-    assert_params_close(model_params(reference), model_params(cfg.output_dir), atol=1e-6)
+    assert_params_close(model_params(reference), model_params(cfg.run.output_dir), atol=1e-6)
 
     # The restarted attempt re-logged epoch 1 from its checkpoint history: no duplicate steps.
     def check_mlflow() -> None:
         assert len(client.search_runs([exp])) == 1  # no second run was created
         params = client.get_run(run_id).data.params
-        assert params["model.model"] == "lenet5" and params["optim.lr"] == "0.02"
+        assert params["model.name"] == "lenet5" and params["optim.lr"] == "0.02"
         for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
                     "images_per_s"):  # fmt: skip
             steps = [m.step for m in client.get_metric_history(run_id, key)]
@@ -136,11 +136,11 @@ def test_kill_during_checkpoint_write(
     cmd = [sys.executable, "-m", "cnn.train", "--config", str(write_config(cfg))]
     code, log = run(cmd, env=subprocess_env(CNNPIPE_TEST_KILL_IN_SAVE="2"), timeout=TIMEOUT)
     assert code == -9, log[-4000:]
-    ckpts = Path(cfg.output_dir) / "checkpoints"
+    ckpts = Path(cfg.run.output_dir) / "checkpoints"
     assert list(ckpts.glob(".last.pt.tmp-*"))  # the partial write that never replaced last.pt
     assert load_checkpoint(ckpts / "last.pt")["train_state"]["step"] == CKPT_EVERY
     assert train(cfg)["resumed_from"] == str(ckpts / "last.pt")
-    assert_params_close(model_params(reference), model_params(cfg.output_dir), atol=1e-5)
+    assert_params_close(model_params(reference), model_params(cfg.run.output_dir), atol=1e-5)
 
 
 def test_two_torchrun_agents_form_one_job(reference: Path, tiny_data: dict, tmp_path: Path) -> None:
@@ -170,7 +170,7 @@ def test_two_torchrun_agents_form_one_job(reference: Path, tiny_data: dict, tmp_
     ]
     codes, outs = zip(*(finish(p, TIMEOUT) for p in procs), strict=True)
     assert codes == (0, 0), "\n".join(o[-3000:] for o in outs)
-    result = json.loads((Path(cfg.output_dir) / "result.json").read_text())
+    result = json.loads((Path(cfg.run.output_dir) / "result.json").read_text())
     assert result["world_size"] == 2
     assert sum("epoch 2/2 train_loss" in o for o in outs) == 1  # one job, one main rank
-    assert_params_close(model_params(reference), model_params(cfg.output_dir), atol=1e-6)
+    assert_params_close(model_params(reference), model_params(cfg.run.output_dir), atol=1e-6)

@@ -72,11 +72,11 @@ def tiny_config(data: dict[str, str], out_dir: Path, **changes: Any) -> TrainCon
         "seed": 0,
     }
     base.update(changes)
-    return TrainConfig(**base)
+    return TrainConfig().replace(**base)
 
 
 def write_config(cfg: TrainConfig) -> Path:
-    return cfg.to_yaml(Path(cfg.output_dir).parent / f"{Path(cfg.output_dir).name}.yaml")
+    return cfg.to_yaml(Path(cfg.run.output_dir).parent / f"{Path(cfg.run.output_dir).name}.yaml")
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -175,8 +175,8 @@ def test_run_outputs_resume_and_mismatch(
     assert (position["epoch"], position["step"], position["batch"]) == (2, 2 * STEPS_PER_EPOCH, 0)
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in last["model"])
     # The best checkpoint rebuilds the model alone, and gives the reported test accuracy.
-    model, cfg_dict, meta = load_model_from_checkpoint(out / "checkpoints" / "best.pt")
-    assert cfg_dict["model"] == "lenet5" and meta["classes"] == list(CLASSES)
+    model, saved_cfg, meta = load_model_from_checkpoint(out / "checkpoints" / "best.pt")
+    assert saved_cfg.model.name == "lenet5" and meta["classes"] == list(CLASSES)
     from cnn.data import build_loaders
 
     loaders = build_loaders(
@@ -233,7 +233,7 @@ def test_grad_accumulation_matches_full_batch(
     accum = tiny_config(tiny_data, tmp_path / "accum", epochs=1, grad_accum=2)
     train(full)
     train(accum)
-    assert_params_close(model_params(full.output_dir), model_params(accum.output_dir))
+    assert_params_close(model_params(full.run.output_dir), model_params(accum.run.output_dir))
 
 
 def test_features_ema_cosine_smoothing_clip_via_cli(
@@ -246,12 +246,12 @@ def test_features_ema_cosine_smoothing_clip_via_cli(
                  "label_smoothing=0.1", "grad_clip=1.0", "optimizer=adamw", "lr=0.003",
                  "aug=cifar", "channels_last=true", "target_accuracy=0.05"]  # fmt: skip
     assert main(["--config", str(path), *overrides]) == 0
-    out = Path(cfg.output_dir)
+    out = Path(cfg.run.output_dir)
     result = json.loads((out / "result.json").read_text())
     assert result["epochs_completed"] == 1  # target_accuracy reached after epoch 1: early stop
     state = load_checkpoint(out / "checkpoints" / "best.pt")
-    assert state["ema"] is not None and state["config"]["schedule"] == "cosine"
-    assert TrainConfig.from_yaml(out / "run.yaml").ema is True
+    assert state["ema"] is not None and state["config"]["schedule"]["name"] == "cosine"
+    assert TrainConfig.from_yaml(out / "run.yaml").optim.ema is True
 
 
 def test_no_weight_decay_on_norm_and_bias() -> None:
@@ -268,10 +268,10 @@ def test_no_weight_decay_on_norm_and_bias() -> None:
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "step", "constant"])
 def test_schedule_adapts_to_epochs(schedule: str, epochs: int) -> None:
     """The same recipe stretches to any epoch count: peak lr reached, ends annealed."""
-    cfg = TrainConfig(
+    cfg = TrainConfig().replace(
         schedule=schedule, epochs=epochs, lr=0.1, warmup_epochs=1, step_size=epochs / 2
     )
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
     sched = build_scheduler(cfg, opt, steps_per_epoch=5)
     lrs = []
     for _ in range(epochs * 5):
@@ -301,7 +301,7 @@ def test_compile_channels_last_one_step(
     )  # fmt: skip
     result = train(cfg)
     assert result["epochs_completed"] == 1
-    keys = model_params(cfg.output_dir).keys()
+    keys = model_params(cfg.run.output_dir).keys()
     assert "features.0.weight" in keys and not any("_orig_mod" in k for k in keys)
 
 
