@@ -1,7 +1,7 @@
 """Pipeline overhead and CLI latency benchmark (issues 5, 9); one JSON object on stdout.
 
     uv run python benchmarks/bench_pipeline.py [--runs 2] [--data-dir DIR] [--workdir DIR]
-                                              [--cli-only]
+                                              [--cli-only] [--pycache-prefix DIR]
 
 The figure: the wall time of `cnnpipe train` minus the wall time of its training job (the
 torchrun process tree), on the embedded default (Prefect's ephemeral API, `sqlite:///mlflow.db`
@@ -12,7 +12,11 @@ CLI latency (`cli`): wall times of `cnnpipe models`, `--help`, a bad input, a on
 `predict` (a `torchvision:` model with a local weights file, and the `models:/` model the
 pipeline registered) and `evaluate`, each as a multiple of `python -c "import torch"` timed in
 the same run (median of `--repeat` runs), so the figures hold on any machine. Targets: models,
---help, bad input <= 1.0x; predict torchvision: <= 2x, models:/ <= 2.5x.
+--help, bad input <= 1.0x; predict torchvision: <= 2x, models:/ <= 2.5x. Python byte-compiles
+every import when no bytecode cache can be written (PYTHONDONTWRITEBYTECODE, a read-only venv),
+which weighs on the figures (MLflow and torchvision are large), so the output says whether
+bytecode was cached (`bytecode_cache`); `--pycache-prefix DIR` measures with a cache in DIR
+(PYTHONPYCACHEPREFIX, filled by one unmeasured run of each command).
 
 A first, unmeasured run creates the stores (MLflow schema, Prefect database) and the tensor
 cache; the measured runs then see "prepare" as a cache hit, as a nightly deployment does.
@@ -83,8 +87,11 @@ def breakdown(run: dict[str, Any]) -> dict[str, float]:
     return {k: round(v, 3) for k, v in stages.items()}
 
 
-def _wall(cmd: list[str], cwd: Path, env: dict[str, str], repeat: int) -> float:
-    """Median wall time of `cmd` (its exit code is not checked: a bad input exits 2)."""
+def _wall(cmd: list[str], cwd: Path, env: dict[str, str], repeat: int, warm: bool) -> float:
+    """Median wall time of `cmd` (its exit code is not checked: a bad input exits 2); `warm`:
+    one unmeasured run first (it writes the bytecode cache)."""
+    if warm:
+        subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, timeout=600)
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -116,11 +123,13 @@ def cli_latency(
         cases["evaluate"] = [*cli, "evaluate", "--model-uri", uri, "--dataset", "imagefolder",
                              "--data-dir", str(data)]  # fmt: skip
     walls = {}
+    cached = not env.get("PYTHONDONTWRITEBYTECODE")
     for name, cmd in cases.items():
-        walls[name] = round(_wall(cmd, pipe, env, repeat), 3)
+        walls[name] = round(_wall(cmd, pipe, env, repeat, warm=cached), 3)
         log(f"cli {name}: {walls[name]:.2f} s")
     torch_s = walls["import_torch"]
     return {
+        "bytecode_cache": cached,
         "wall_s": walls,
         "x_import_torch": {k: round(v / torch_s, 2) for k, v in walls.items()},
         "targets_x": {
@@ -142,6 +151,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=2, help="measured runs (after a warm-up)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per CLI latency figure")
     parser.add_argument("--cli-only", action="store_true", help="CLI latency only (no training)")
+    parser.add_argument(
+        "--pycache-prefix", type=Path, help="cache bytecode in DIR (PYTHONPYCACHEPREFIX)"
+    )
     args = parser.parse_args()
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -152,6 +164,9 @@ def main() -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.setdefault("PREFECT_HOME", str(work / "prefect-home"))
+    if args.pycache_prefix is not None:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(args.pycache_prefix.resolve())
 
     if args.cli_only:
         # The model an earlier full run registered, if there was one.

@@ -471,12 +471,152 @@ def _missing_model_error(model_uri: str, tracking: str, exc: BaseException) -> V
     )
 
 
-def load_model(model_uri: str, uri: str | None = None) -> Any:
+# What `log_model` writes: MLflow's model-from-code loader running served_model.py, with the
+# exported network and the preprocessing JSON as artifacts.
+CODE_MODEL_LOADER = "mlflow.pyfunc.loaders.code_model"
+SERVED_ARTIFACTS = ("network", "preprocessing")
+# The only workspace of MLflow's plain SQL store (mlflow.utils.workspace_utils) and the stage
+# MLflow gives a deleted version it keeps (model_version_stages.STAGE_DELETED_INTERNAL).
+DEFAULT_WORKSPACE = "default"
+DELETED_STAGE = "Deleted_Internal"
+
+
+def _parse_registered_uri(model_uri: str) -> tuple[str, str | None, int | None] | None:
+    """(name, alias, version) of `models:/NAME@ALIAS` or `models:/NAME/VERSION`, as MLflow's
+    `_parse_model_uri` splits them; None for every other form (stages, `latest`, model ids,
+    `runs:/`, a Databricks profile), which MLflow resolves itself."""
+    if not model_uri.startswith("models:/") or model_uri.startswith("models://"):
+        return None
+    parts = model_uri.removeprefix("models:/").split("/")
+    if len(parts) == 2 and parts[0].strip() and parts[1].isdigit():
+        return parts[0], None, int(parts[1])
+    if len(parts) == 1 and "@" in parts[0]:
+        name, alias = parts[0].rsplit("@", 1)
+        if name.strip() and alias.strip() and alias.lower() != "latest":
+            return name, alias, None
+    return None
+
+
+def _local_dir(location: str | None) -> Path | None:
+    """A model version's storage location when it is a local folder (plain path or file://)."""
+    if not location:
+        return None
+    if location.startswith("file://"):
+        from urllib.parse import unquote
+
+        parsed = urlparse(location)
+        return Path(unquote(parsed.path)) if parsed.netloc in ("", "localhost") else None
+    return Path(location) if Path(location).is_absolute() else None
+
+
+def registered_model_dir(model_uri: str, uri: str | None = None) -> Path | None:
+    """The local folder of the version that `models:/NAME@ALIAS` / `models:/NAME/VERSION`
+    names in a local SQLite store, read with the stdlib's sqlite3 (read-only) the way MLflow's
+    SQL registry store reads it: alias -> version -> `storage_location`. Why: importing MLflow
+    and opening its SQLAlchemy stores costs more than a one-image prediction. None whenever the
+    answer might differ from MLflow's (another registry URI, workspaces, no such store, alias
+    or version, a version not READY, remote artifacts, a schema this query does not fit), so
+    the caller takes MLflow's own route and its errors."""
+    import sqlite3
+    import sys
+    from urllib.parse import quote
+
+    parsed = _parse_registered_uri(model_uri)
+    tracking = resolve_tracking_uri(uri)
+    path = _sqlite_path(tracking)
+    if parsed is None or path is None or not path.is_file():
+        return None
+    if os.environ.get("MLFLOW_ENABLE_WORKSPACES", "").lower() in ("1", "true"):
+        return None
+    if os.environ.get("MLFLOW_WORKSPACE"):
+        return None
+    if os.environ.get("MLFLOW_REGISTRY_URI", tracking) != tracking:
+        return None
+    if "mlflow" in sys.modules:  # this process may have set another registry URI
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking)  # as the MLflow route does
+        if mlflow.get_registry_uri() != tracking:
+            return None
+    name, alias, version = parsed
+    try:
+        db = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True, timeout=5)
+    except sqlite3.Error:
+        return None
+    try:
+        if alias is not None:
+            row = db.execute(
+                "SELECT version FROM registered_model_aliases "
+                "WHERE workspace = ? AND name = ? AND alias = ?",
+                (DEFAULT_WORKSPACE, name, alias),
+            ).fetchone()
+            if row is None:
+                return None
+            version = int(row[0])
+        rows = db.execute(
+            "SELECT storage_location, source, status FROM model_versions "
+            "WHERE workspace = ? AND name = ? AND version = ? AND current_stage != ?",
+            (DEFAULT_WORKSPACE, name, version, DELETED_STAGE),
+        ).fetchall()
+    except (sqlite3.Error, ValueError, TypeError):
+        return None
+    finally:
+        db.close()
+    if len(rows) != 1 or rows[0][2] != "READY":
+        return None
+    storage_location, source, _ = rows[0]
+    folder = _local_dir(storage_location or source)  # MLflow's get_model_version_download_uri
+    return folder if folder is not None and (folder / "MLmodel").is_file() else None
+
+
+def _served_model_files(folder: Path) -> tuple[Path, Path] | None:
+    """(network.pt2, preprocessing.json) of a model that `log_model` wrote, from its MLmodel
+    file; None for any other model (MLflow's route loads those)."""
+    import yaml  # MLflow's own dependency; MLmodel is YAML
+
+    try:
+        meta = yaml.safe_load((folder / "MLmodel").read_text())
+        pyfunc = meta["flavors"]["python_function"]
+        if pyfunc.get("loader_module") != CODE_MODEL_LOADER:
+            return None
+        if Path(str(pyfunc.get("model_code_path") or "")).name != SERVED_MODEL_FILE.name:
+            return None
+        network, prep = (folder / pyfunc["artifacts"][k]["path"] for k in SERVED_ARTIFACTS)
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    return (network, prep) if network.is_file() and prep.is_file() else None
+
+
+def load_local_model(model_uri: str, uri: str | None = None) -> Any:
+    """The classifier behind a registered `models:/` URI of a local SQLite store, loaded from
+    the version's own folder without importing MLflow (no copy, no pyfunc wrapper), or None
+    when it cannot be (see `registered_model_dir`). It does what `served_model.py`'s
+    `load_context` and `load_model` do with the same files -- the preprocessing JSON and
+    `torch.export.load(network).module()` into `from_exported` -- so the predictions are the
+    MLflow route's, bit for bit."""
+    import json
+
+    folder = registered_model_dir(model_uri, uri)
+    files = _served_model_files(folder) if folder is not None else None
+    if files is None:
+        return None
+    from cnn.export import from_exported
+
+    network, prep = files
+    return from_exported(network, json.loads(prep.read_text()))
+
+
+def load_model(model_uri: str, uri: str | None = None, *, local: bool = True) -> Any:
     """Load a logged/registered classifier (`models:/NAME@champion`, `runs:/ID/model`,
     `models:/NAME/3`) as an `ImageClassifier` through `mlflow.pyfunc.load_model`: the same
     exported network and preprocessing that a bare environment or `mlflow models serve` uses.
     A clear ValueError naming the URI when it names nothing or its files are missing, checked
-    before anything is loaded."""
+    before anything is loaded. `local`: a registered version of a local SQLite store is read
+    from its folder directly first (`load_local_model`: the same files, seconds faster)."""
+    if local:
+        model = load_local_model(model_uri, uri)
+        if model is not None:
+            return model
     import mlflow
     from mlflow.exceptions import MlflowException
 
