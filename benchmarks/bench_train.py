@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: `cnn` is importable
 
 # Shared with the data-path benchmark (same extraction folder, same chapter baseline).
-from bench_data import extract, log, rate, write_cifar_batches  # noqa: E402
+from bench_data import chapter_lenet, extract, log, rate, write_cifar_batches  # noqa: E402
 
 SHARED_DATA = Path(os.environ.get("CNNPIPE_SHARED_DATA", REPO.parent / "shared" / "data"))
 ARCHIVE = "cifar10-jpeg-train.tar.gz"
@@ -53,15 +53,14 @@ CACHE = "train-cache"
 def chapter_loop_images_per_s(work: Path, prepared_path: Path, seconds: float) -> float:
     """The chapter's training loop, measured here: torchvision ``CIFAR10`` with per-image
     RandomHorizontalFlip, RandomCrop(32, 4), ToTensor, Normalize, a DataLoader at batch 8, and
-    LeNet-5 with Adam (lr 1e-3). The same baseline as bench_data.py (shared helpers), on the
-    same decoded pixels."""
+    the chapter's LeNet-5 (conv, ReLU, pool) with Adam (lr 1e-3). The same baseline as
+    bench_data.py (shared helpers), on the same decoded pixels."""
     import torch
     from torch import nn
     from torchvision import transforms
 
     from cnn.data import load_prepared
     from cnn.data.sources import CIFAR10Files
-    from cnn.models import get_model
 
     prepared = load_prepared(prepared_path)
     images, labels = prepared.split("train")
@@ -78,7 +77,7 @@ def chapter_loop_images_per_s(work: Path, prepared_path: Path, seconds: float) -
     dataset = CIFAR10Files(str(root), train=True, transform=tf)
     loader = torch.utils.data.DataLoader(dataset, batch_size=CHAPTER_BATCH, shuffle=True)
     torch.manual_seed(0)
-    model = get_model("lenet5", num_classes=info.num_classes)
+    model = chapter_lenet(info.num_classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     criterion = nn.CrossEntropyLoss()
 

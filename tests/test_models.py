@@ -471,3 +471,26 @@ def test_unknown_weights_name_lists_the_available_ones() -> None:
 def test_freeze_backbone_without_pretrained_weights_raises() -> None:
     with pytest.raises(ValueError, match="freeze_backbone=True for 'resnet18' needs pretrained"):
         get_model("resnet18", num_classes=3, freeze_backbone=True)
+
+
+def test_lenet5_pooling_before_relu_is_the_chapters_network() -> None:
+    """`lenet5` pools before its ReLUs (fewer elementwise passes); max and ReLU commute, so it is
+    the chapter's conv-ReLU-pool network: equal outputs and gradients, the same state_dict keys
+    (old checkpoints load), including inputs whose pooled windows are all negative."""
+    torch.manual_seed(0)
+    ours = get_model("lenet5", num_classes=10)
+    conv1, pool1, relu1, conv2, pool2, relu2 = ours.features
+    assert isinstance(pool1, nn.MaxPool2d) and isinstance(relu1, nn.ReLU)
+    chapter = get_model("lenet5", num_classes=10)
+    chapter.load_state_dict(ours.state_dict())
+    c = chapter.features
+    chapter.features = nn.Sequential(c[0], c[2], c[1], c[3], c[5], c[4])  # conv, ReLU, pool
+    assert list(chapter.state_dict()) == list(ours.state_dict())
+    x = torch.randn(8, 3, 32, 32)
+    x[0] = -5.0  # every window negative: ReLU zeroes it either way
+    out_ours, out_chapter = ours(x), chapter(x)
+    assert torch.equal(out_ours, out_chapter)
+    out_ours.square().sum().backward()
+    out_chapter.square().sum().backward()
+    for (name, p), q in zip(ours.named_parameters(), chapter.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), name
