@@ -103,6 +103,17 @@ def test_model_dataset_recipe_wins_over_family() -> None:
     assert find_recipe("resnet34_cifar", "cifar10").stem == "resnet"
 
 
+def test_lenet_on_an_image_folder_trains_like_the_benchmarked_cifar10_recipe() -> None:
+    """A CIFAR-like 32-px folder (`--dataset imagefolder`) gets the `lenet` family recipe; it
+    must train as `lenet5-cifar10` does (issue 9: as well on any CIFAR-like folder)."""
+    folder = resolve_config(model="lenet5", dataset="imagefolder")
+    cifar = resolve_config(model="lenet5", dataset="cifar10")
+    assert folder.run.recipe == "lenet"
+    for section in ("optim", "schedule", "perf"):
+        assert getattr(folder, section) == getattr(cifar, section), section
+    assert folder.data.aug == cifar.data.aug == "flip"
+
+
 def test_unknown_model_falls_back_to_default() -> None:
     assert find_recipe("no_such_model", "cifar10").stem == "default"
 
