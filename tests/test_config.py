@@ -158,6 +158,24 @@ def test_validate_rejects(changes: dict, match: str) -> None:
         TrainConfig().replace(**{"device": "cpu", **changes}).validate(nproc_per_node=2)
 
 
+@pytest.mark.parametrize(
+    ("changes", "launch", "fix"),
+    [
+        ({"optim.lr": -0.1}, {}, "with --set optim.lr=VALUE"),
+        ({"optim.weight_decay": -1.0}, {}, "with --set optim.weight_decay=VALUE"),
+        ({"data.val_fraction": 1.0}, {}, "with --set data.val_fraction=VALUE"),
+        ({"runtime.num_threads": 0}, {}, "with --set runtime.num_threads=VALUE"),
+        ({}, {"nproc_per_node": 0}, "pass --nproc-per-node N"),
+        ({}, {"nnodes": 0}, "pass --nnodes N"),
+    ],
+)
+def test_bad_values_say_where_to_fix_them(changes: dict, launch: dict, fix: str) -> None:
+    """A range error names the value and where it is set, on one line."""
+    with pytest.raises(ValueError) as err:
+        TrainConfig().replace(**{"device": "cpu", **changes}).validate(**launch)
+    assert fix in str(err.value) and "\n" not in str(err.value)
+
+
 def test_validate_rejects_a_bad_choice_set_directly() -> None:
     """A section built in code skips coercion; validate still checks the Literal choices."""
     cfg = TrainConfig(optim=C.OptimSection(optimizer="adamm"))  # type: ignore[arg-type]
