@@ -94,11 +94,9 @@ def chapter_lenet(num_classes: int = 10) -> nn.Module:
     before the ReLU: the same function and parameters, fewer elementwise passes; the baseline
     keeps the chapter's order so that the engine's speed-up is measured against it."""
     from cnn.models import get_model
+    from cnn.models.lenet import chapter_order
 
-    model = get_model("lenet5", num_classes=num_classes)
-    conv1, pool1, relu1, conv2, pool2, relu2 = model.features
-    model.features = nn.Sequential(conv1, relu1, pool1, conv2, relu2, pool2)
-    return model
+    return chapter_order(get_model("lenet5", num_classes=num_classes))
 
 
 def write_cifar_batches(images: torch.Tensor, labels: torch.Tensor, root: Path) -> Path:

@@ -24,21 +24,31 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
-# name -> (script, its args, default baseline, {figure: JSON path})
-BENCHES: dict[str, tuple[str, list[str], str, dict[str, tuple[str, str]]]] = {
-    "data": (
-        "bench_data.py", [], "9fa3be929a4063d63985ebc2d9371cf3113ed291",
+
+
+class Bench(NamedTuple):
+    script: str
+    args: list[str]  # its work-folder flag first (the scripts spell it differently)
+    baseline: str  # default baseline commit
+    figures: dict[str, tuple[str, str]]  # figure -> path in the script's JSON
+
+
+BENCHES = {
+    "data": Bench(
+        "bench_data.py", ["--work-dir"], "9fa3be929a4063d63985ebc2d9371cf3113ed291",
         {
             "prepare_images_per_s": ("prepare", "images_per_s"),
             "loader_images_per_s": ("loader", "ours_images_per_s"),
             "lenet_train_images_per_s": ("lenet_train", "ours_images_per_s"),
         },
     ),
-    "train": (
-        "bench_train.py", ["--skip-time-to-target"], "a39a7b6",
+    "train": Bench(
+        "bench_train.py", ["--workdir", "--skip-time-to-target"],
+        "a39a7b6bde27fc58c9e70ac8a02f9044a8c50b9b",
         {
             "chapter_loop_images_per_s": ("throughput", "chapter_loop_images_per_s"),
             "engine_1rank_images_per_s": ("throughput", "1rank_x_1thread_images_per_s"),
@@ -49,13 +59,13 @@ BENCHES: dict[str, tuple[str, list[str], str, dict[str, tuple[str, str]]]] = {
 
 
 def run(bench: str, tree: Path, work: Path, extra: list[str]) -> dict:
-    script, args, _, figures = BENCHES[bench]
-    workdir = "--work-dir" if bench == "data" else "--workdir"
-    cmd = [sys.executable, str(tree / "benchmarks" / script), workdir, str(work),
+    b = BENCHES[bench]
+    workdir_flag, *args = b.args
+    cmd = [sys.executable, str(tree / "benchmarks" / b.script), workdir_flag, str(work),
            "--data-dir", str(DATA), *args]  # fmt: skip
     out = subprocess.run([*cmd, *extra], cwd=tree, stdout=subprocess.PIPE, text=True, check=True)
     res = json.loads(out.stdout[out.stdout.index("{") :])
-    return {k: res[a][b] for k, (a, b) in figures.items()}
+    return {k: res[x][y] for k, (x, y) in b.figures.items()}
 
 
 def main() -> None:
@@ -67,7 +77,7 @@ def main() -> None:
     args, extra = ap.parse_known_args()
     global DATA
     DATA = args.data_dir or Path(os.environ.get("CNNPIPE_SHARED_DATA", DATA))
-    baseline = args.baseline or BENCHES[args.bench][2]
+    baseline = args.baseline or BENCHES[args.bench].baseline
     with tempfile.TemporaryDirectory(prefix="bench-data-compare-") as tmp:
         base_tree = Path(tmp) / "baseline"
         subprocess.run(

@@ -23,6 +23,7 @@ from cnn.models import (
     register_model,
     training_loss,
 )
+from cnn.models.lenet import chapter_order
 from cnn.models.zoo import ZOO_MODELS, weights_cache_path
 from tasks.plan import format_models_table  # the CLI's table (kept equal to the registry)
 
@@ -479,12 +480,11 @@ def test_lenet5_pooling_before_relu_is_the_chapters_network() -> None:
     (old checkpoints load), including inputs whose pooled windows are all negative."""
     torch.manual_seed(0)
     ours = get_model("lenet5", num_classes=10)
-    conv1, pool1, relu1, conv2, pool2, relu2 = ours.features
+    _, pool1, relu1, *_ = ours.features
     assert isinstance(pool1, nn.MaxPool2d) and isinstance(relu1, nn.ReLU)
-    chapter = get_model("lenet5", num_classes=10)
+    chapter = chapter_order(get_model("lenet5", num_classes=10))  # conv, ReLU, pool
+    assert [type(m) for m in chapter.features[:3]] == [nn.Conv2d, nn.ReLU, nn.MaxPool2d]
     chapter.load_state_dict(ours.state_dict())
-    c = chapter.features
-    chapter.features = nn.Sequential(c[0], c[2], c[1], c[3], c[5], c[4])  # conv, ReLU, pool
     assert list(chapter.state_dict()) == list(ours.state_dict())
     x = torch.randn(8, 3, 32, 32)
     x[0] = -5.0  # every window negative: ReLU zeroes it either way

@@ -9,7 +9,7 @@ from torch import nn
 
 from ._api import register_model
 
-__all__ = ["LeNet5", "lenet5"]
+__all__ = ["LeNet5", "chapter_order", "lenet5"]
 
 
 class LeNet5(nn.Module):
@@ -46,3 +46,11 @@ class LeNet5(nn.Module):
 def lenet5(*, num_classes: int = 10, in_channels: int = 3, **kwargs: Any) -> LeNet5:
     """LeNet-5: 62,006 parameters at 3 channels and 10 classes."""
     return LeNet5(num_classes=num_classes, in_channels=in_channels, **kwargs)
+
+
+def chapter_order(model: LeNet5) -> LeNet5:
+    """`model` with the chapter's conv-ReLU-pool layer order (in place; same parameters and
+    state_dict keys). The reference the pool-first order is measured and tested against."""
+    conv1, pool1, relu1, conv2, pool2, relu2 = model.features
+    model.features = nn.Sequential(conv1, relu1, pool1, conv2, relu2, pool2)
+    return model
