@@ -125,11 +125,18 @@ class LaunchSpec:
     def validate(self) -> None:
         """Raise ValueError naming the bad launch value and the fix."""
         if self.nproc_per_node < 1:
-            raise ValueError(f"nproc_per_node={self.nproc_per_node} must be >= 1")
+            raise ValueError(
+                f"nproc_per_node={self.nproc_per_node} must be >= 1; pass --nproc-per-node N "
+                "(processes per node, e.g. the number of GPUs)"
+            )
         if self.nnodes < 1:
-            raise ValueError(f"nnodes={self.nnodes} must be >= 1")
+            raise ValueError(
+                f"nnodes={self.nnodes} must be >= 1; pass --nnodes N (machines in the job)"
+            )
         if self.max_restarts < 0:
-            raise ValueError(f"max_restarts={self.max_restarts} must be >= 0")
+            raise ValueError(
+                f"max_restarts={self.max_restarts} must be >= 0; pass --max-restarts N (0 = none)"
+            )
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ValueError(
                 f"nnodes={self.nnodes} needs --rdzv-endpoint HOST:PORT (the c10d rendezvous "

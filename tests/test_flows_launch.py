@@ -60,6 +60,19 @@ def test_bad_launch_values_are_named(spec: LaunchSpec, match: str) -> None:
         spec.validate()
 
 
+@pytest.mark.parametrize(
+    ("spec", "flag"),
+    [
+        (LaunchSpec(nproc_per_node=0), "pass --nproc-per-node N"),
+        (LaunchSpec(nnodes=0), "pass --nnodes N"),
+        (LaunchSpec(max_restarts=-1), "pass --max-restarts N"),
+    ],
+)
+def test_bad_launch_values_name_the_flag_that_fixes_them(spec: LaunchSpec, flag: str) -> None:
+    with pytest.raises(ValueError, match=flag):
+        spec.validate()
+
+
 # A stand-in for torchrun: it starts a "worker" in its own session (as torchrun does), and the
 # worker starts a grandchild; all of them then sleep.
 _TREE = textwrap.dedent(
