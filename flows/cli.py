@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from flows import prefect_api
 from flows.deploy import register_deploy_command
 from tasks.request import CompareRequest, TrainRequest, add_options
 
@@ -76,63 +77,6 @@ def _prefect_env() -> None:
 # -------------------------------------------------------------------- processes and signals
 
 
-def _guard_prefect_server() -> None:
-    """Start Prefect's embedded API server (whenever Prefect starts one) in its own session, so
-    Ctrl-C in the terminal does not kill it before the flow reports its final state, under a
-    watchdog that stops it when this process dies (SIGKILL included)."""
-    import subprocess
-    import types
-
-    from prefect.server.api import server as server_module
-
-    from tasks.launch import watched_module_command
-
-    if getattr(server_module.subprocess, "_cnnpipe_guard", False):
-        return
-    real_popen = subprocess.Popen
-
-    def popen(args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
-        args = list(args)
-        if args[1:3] == ["-m", "uvicorn"]:
-            args = watched_module_command(args[0], "uvicorn", args[3:])
-            kwargs["start_new_session"] = True
-        return real_popen(args, **kwargs)
-
-    shim = types.ModuleType("subprocess")
-    shim.__dict__.update(subprocess.__dict__)
-    shim.Popen = popen  # type: ignore[attr-defined]
-    shim._cnnpipe_guard = True  # type: ignore[attr-defined]
-    server_module.subprocess = shim  # type: ignore[attr-defined]
-
-
-def _warm_prefect_api(enabled: bool = True) -> Callable[[], None]:
-    """Start Prefect's embedded API server now, in the background, when no server is configured.
-
-    Why: the ephemeral server is a separate process that takes seconds to boot; starting it
-    while this process imports the flows and tasks overlaps the two. Prefect reuses the
-    same (singleton) server for the flow run. Returns a function that waits for it. Only for
-    the console script (`enabled`): in-process callers keep their own Prefect set-up."""
-    if not enabled or os.environ.get("PREFECT_API_URL"):
-        return lambda: None
-    # Imported here, in the main thread: importing Prefect's server ORM in a thread while
-    # MLflow's SQLAlchemy store configures all mappers races (half-defined Prefect models).
-    # (_guard_prefect_server imports the server module.)
-    from prefect.client.orchestration import get_client
-
-    _guard_prefect_server()
-
-    def start() -> None:
-        # A failure here resurfaces when the flow starts: Prefect then starts the server itself.
-        # Public API: a client without PREFECT_API_URL starts Prefect's ephemeral server, a
-        # process-wide singleton that the flow run then reuses.
-        with contextlib.suppress(Exception), get_client(sync_client=True) as client:
-            client.api_healthcheck()
-
-    thread = threading.Thread(target=start, name="prefect-api-warmup", daemon=True)
-    thread.start()
-    return thread.join
-
-
 _WATCHDOG: list[threading.Timer] = []
 
 
@@ -157,10 +101,10 @@ def _arm_exit_watchdog(code: int, seconds: float = EXIT_GRACE_S) -> None:
 def _shutdown_prefect(timeout: float) -> None:
     """Deliver Prefect's queued logs and events while its API still runs, then stop the
     embedded server, all within `timeout` seconds (each step in a daemon thread)."""
-    if "prefect" not in sys.modules:
-        return
 
     def drain() -> None:
+        if "prefect" not in sys.modules:
+            return
         from prefect._internal.concurrency.services import _QueueServiceBase
 
         classes, stack = [], list(_QueueServiceBase.__subclasses__())
@@ -174,10 +118,11 @@ def _shutdown_prefect(timeout: float) -> None:
                     cls.drain_all(timeout=timeout)  # type: ignore[attr-defined]
 
     def stop_server() -> None:
+        prefect_api.stop()
+        # A server Prefect started itself (in-process callers that bring none of their own).
         server_module = sys.modules.get("prefect.server.api.server")
-        if server_module is None:
-            return
-        for server in list(server_module.SubprocessASGIServer._instances.values()):
+        instances = server_module.SubprocessASGIServer._instances if server_module else {}
+        for server in list(instances.values()):
             with contextlib.suppress(Exception):
                 server.stop()
 
@@ -243,19 +188,26 @@ def _want_flow(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "flow", False) or os.environ.get("PREFECT_API_URL"))
 
 
-def _before_flow(args: argparse.Namespace, warm: bool = True) -> Callable[[], None]:
+def _before_flow() -> Callable[[], None]:
     """Everything between a valid plan and the flow: MLflow reachable and usable (an
-    unreachable server fails now, not after training), orphaned runs closed, Prefect's API
-    warming up. Returns the wait for Prefect."""
+    unreachable server fails now, not after training), orphaned runs closed. Returns the wait
+    for Prefect's embedded API (started earlier by `_start_prefect`)."""
     from tasks.mlflow_utils import check_reachable, check_tracking
 
     check_reachable()
     uri = check_tracking()
     with contextlib.suppress(Exception):  # housekeeping must never block a run
         _mark_orphaned_runs(uri)
-    # Only now (valid input, MLflow ready): a warm-up started earlier competes for the GIL
-    # with the validation imports and slows bad-input errors down several-fold.
-    return _warm_prefect_api(args.warm and warm)
+    return prefect_api.wait
+
+
+def _start_prefect(args: argparse.Namespace) -> None:
+    """Boot Prefect's embedded API now, in its own process (`flows.prefect_api`), so that it
+    overlaps the imports still to come (MLflow, Prefect, the flow's modules: about as long as
+    the boot). Only for the console script, and only once the plan has passed: a bad input
+    starts no server."""
+    if args.warm:
+        prefect_api.start()
 
 
 # -------------------------------------------------------------------- commands
@@ -324,9 +276,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         # Bad input fails here, within seconds, with nothing written anywhere. The flow's own
         # plan of the same request is answered from the plan's memo.
         plan_training(request)
-        # Prefect's server boots only now: started during the checks, it slowed the errors
-        # of the torch stage (a corrupt weights file) 3x and gained no measurable overhead.
-        wait_for_prefect = _before_flow(args)
+        _start_prefect(args)
+        wait_for_prefect = _before_flow()
         from flows.pipeline import train_pipeline
 
         wait_for_prefect()
@@ -372,7 +323,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         check_output_dir(request.output_dir)
         check_tracking_destination()
         plan_comparison(request)  # every name, then every model (the flow's from the memo)
-        wait_for_prefect = _before_flow(args)
+        _start_prefect(args)
+        wait_for_prefect = _before_flow()
         from flows.pipeline import _markdown_table, compare_architectures
 
         wait_for_prefect()
@@ -392,8 +344,7 @@ def _run_or_flow(args: argparse.Namespace, name: str, request: Any, model: Any) 
 
     if not _want_flow(args):
         return getattr(predict, name)(request, model=model)
-    if not os.environ.get("PREFECT_API_URL"):
-        _guard_prefect_server()
+    prefect_api.wait()
     return getattr(predict, predict.FLOWS[name])(request)
 
 
@@ -414,6 +365,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"note: {args.data_dir} has no test split; evaluating on its val split",
                   file=sys.stderr)  # fmt: skip
     split_available(args.dataset, args.data_dir, args.split)
+    if _want_flow(args):
+        _start_prefect(args)
     with _stdout_to_stderr(args.json) as emit:
         model = load_classifier(args.model_uri)  # a URI that names nothing fails here
         request = EvaluateRequest(args.model_uri, args.dataset, args.data_dir, args.cache_dir,
@@ -440,6 +393,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     paths = expand_image_paths(args.images)
     load_images(paths, 3)  # a file that is not an image fails now, before any model loads
+    if _want_flow(args):
+        _start_prefect(args)
     with _stdout_to_stderr(args.json) as emit:
         model = load_classifier(args.model_uri, args.pretrained)  # a URI that names nothing
         request = PredictRequest(args.model_uri, [str(p) for p in paths], args.topk,
@@ -547,7 +502,7 @@ def _run(args: argparse.Namespace) -> int:
         # Bad input: one clear line, non-zero exit, no traceback.
         _say(f"cnnpipe {args.command}: error: {_one_line(exc)}")
         return 2
-    except (TrainingJobError, OSError) as exc:
+    except (TrainingJobError, prefect_api.EmbeddedServerError, OSError) as exc:
         # A failed job (its own exception, type and rank) or I/O (a download that cannot
         # start, a full disk): one line, no traceback; the message names the file or URL.
         _say(f"cnnpipe {args.command}: error: {_one_line(exc)}")

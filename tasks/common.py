@@ -28,14 +28,17 @@ def retry_on_io_error(task: Any, task_run: Any, state: Any) -> bool:
     return is_io_error(exc)
 
 
-def health_problem(url: str, timeout: float = 5.0) -> str | None:
+def health_problem(url: str, timeout: float = 5.0, json_body: bytes | None = None) -> str | None:
     """None when `url` answers HTTP 200 within `timeout` seconds, else what went wrong (one
-    request, no retries: callers decide whether to wait or to fail with their own fix)."""
+    request, no retries: callers decide whether to wait or to fail with their own fix). A GET,
+    or a POST of `json_body` when given."""
     import urllib.error
     import urllib.request
 
+    headers = {"Content-Type": "application/json"} if json_body is not None else {}
+    request = urllib.request.Request(url, data=json_body, headers=headers)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             return None if resp.status == 200 else f"HTTP {resp.status}"
     except (urllib.error.URLError, OSError) as exc:
         return str(getattr(exc, "reason", exc))

@@ -1,0 +1,79 @@
+"""flows/prefect_api.py: the CLI's own start of Prefect's embedded API server. Each test runs a
+fresh interpreter (the module must act before Prefect is imported, and pytest imports it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+SCRIPT = """
+import json, os, sys, urllib.request
+from flows import prefect_api
+from tasks.launch import _alive
+out = {"started": prefect_api.start(), "again": prefect_api.start(),
+       "url": os.environ.get("PREFECT_API_URL")}
+try:
+    prefect_api.wait()
+    if out["started"]:
+        out["health"] = urllib.request.urlopen(out["url"] + "/health", timeout=5).read().decode()
+except prefect_api.EmbeddedServerError as exc:
+    out["error"] = str(exc)
+pids = [s.process.pid for s in prefect_api._SERVER]
+out["server_alive"] = [_alive(p) for p in pids]
+prefect_api.stop()
+out["after_stop"] = [_alive(p) for p in pids]
+out["prefect_imported"] = "prefect" in sys.modules
+print(json.dumps(out))
+"""
+
+
+def _run(tmp_path: Path, **env: str) -> dict:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    base.update(
+        PYTHONPATH=str(REPO),
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        **env,
+    )
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=base, capture_output=True,
+                          text=True, timeout=180, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_the_server_starts_answers_for_this_process_and_stops(tmp_path: Path) -> None:
+    out = _run(tmp_path)
+    assert out["started"] is True and out["again"] is False  # one server per process
+    assert out["url"].startswith("http://127.0.0.1:") and out["url"].endswith("/api")
+    assert out["health"] == "true"
+    assert out["server_alive"] == [True] and out["after_stop"] == [False]
+    assert out["prefect_imported"] is False  # started and awaited without importing Prefect
+    assert (tmp_path / "prefect-home" / "prefect.db").is_file()  # Prefect's own database
+
+
+def test_a_configured_server_is_used_as_it_is(tmp_path: Path) -> None:
+    out = _run(tmp_path, PREFECT_API_URL="http://127.0.0.1:9/api")
+    assert out["started"] is False and out["server_alive"] == []
+    assert out["url"] == "http://127.0.0.1:9/api"
+    assert not (tmp_path / "prefect-home").exists()
+
+
+def test_a_server_that_does_not_come_up_is_one_clear_error_and_is_stopped(tmp_path: Path) -> None:
+    out = _run(tmp_path, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0.3")
+    assert "did not start within 0.3 s" in out["error"]
+    assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in out["error"]
+    assert out["server_alive"] == [False]
+
+
+def test_a_server_that_exits_while_starting_names_its_exit_code(tmp_path: Path) -> None:
+    # A database URL Prefect cannot open: the server's start-up fails and it exits.
+    bad = f"sqlite+aiosqlite:///{tmp_path / 'no-such-dir' / 'sub' / 'prefect.db'}"
+    (tmp_path / "no-such-dir").write_text("a file, not a folder")
+    out = _run(tmp_path, PREFECT_API_DATABASE_CONNECTION_URL=bad)
+    assert "exited with code" in out["error"] and "PREFECT_API_URL" in out["error"]
+    assert out["server_alive"] == [False]
