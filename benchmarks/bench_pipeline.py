@@ -1,12 +1,15 @@
 """Pipeline overhead and CLI latency benchmark (issues 5, 9); one JSON object on stdout.
 
     uv run python benchmarks/bench_pipeline.py [--runs 2] [--data-dir DIR] [--workdir DIR]
-                                              [--cli-only] [--pycache-prefix DIR]
+                                              [--cli-only | --skip-cli] [--baseline REV]
+                                              [--pycache-prefix DIR]
 
 The figure: the wall time of `cnnpipe train` minus the wall time of its training job (the
 torchrun process tree), on the embedded default (Prefect's ephemeral API, `sqlite:///mlflow.db`
 in the working dir), for a one-epoch LeNet-5 run on the CIFAR-10 training JPEGs (an
-`imagefolder` dataset, 10% held out). Target: under 10 s.
+`imagefolder` dataset, 10% held out). Target: under 10 s. `--baseline REV` measures commit REV
+as well (from a temporary git worktree, with the same interpreter and data), its runs alternating
+with this tree's, and reports it next to the figure (`baseline`, `overhead_vs_baseline`).
 
 CLI latency (`cli`): wall times of `cnnpipe models`, `--help`, a bad input, a one-image
 `predict` (a `torchvision:` model with a local weights file, and the `models:/` model the
@@ -34,6 +37,7 @@ Each run's stage timings come from `cnnpipe train --json`:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -142,53 +146,18 @@ def cli_latency(
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, default=SHARED_DATA)
-    parser.add_argument(
-        "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cnnpipe-bench"
-    )
-    parser.add_argument("--runs", type=int, default=2, help="measured runs (after a warm-up)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per CLI latency figure")
-    parser.add_argument("--cli-only", action="store_true", help="CLI latency only (no training)")
-    parser.add_argument(
-        "--pycache-prefix", type=Path, help="cache bytecode in DIR (PYTHONPYCACHEPREFIX)"
-    )
-    args = parser.parse_args()
-    work = args.workdir.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    data = extract(args.data_dir, work, None)
-    cache = work / "cache"  # shared with bench_data.py / bench_train.py: decoded once
-    pipe = work / "pipeline"  # the cwd: its mlflow.db is the embedded default store
-    pipe.mkdir(exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.setdefault("PREFECT_HOME", str(work / "prefect-home"))
-    if args.pycache_prefix is not None:
-        env.pop("PYTHONDONTWRITEBYTECODE", None)
-        env["PYTHONPYCACHEPREFIX"] = str(args.pycache_prefix.resolve())
+def _side_env(env: dict[str, str], tree: Path) -> dict[str, str]:
+    """`env` with `tree` first on PYTHONPATH: `python -m flows.cli` runs that checkout."""
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(REPO)]
+    return {**env, "PYTHONPATH": os.pathsep.join([str(tree), *rest])}
 
-    if args.cli_only:
-        # The model an earlier full run registered, if there was one.
-        registered = "lenet5-cifar10-jpeg" if (pipe / "mlflow.db").exists() else None
-        print(json.dumps({"cli": cli_latency(pipe, data, env, args.repeat, registered)}, indent=2))
-        return 0
-    log("warm-up run (stores, tensor cache) ...")
-    warm = run_pipeline(pipe, data, cache, env)
-    log(f"warm-up: {warm['wall_s']:.1f} s")
-    runs = []
-    for i in range(args.runs):
-        run = run_pipeline(pipe, data, cache, env)
-        run["stages"] = breakdown(run)
-        run["overhead_s"] = run["wall_s"] - run["result"]["timings"]["train_job"]
-        log(f"run {i + 1}: wall {run['wall_s']:.1f} s, overhead {run['overhead_s']:.1f} s")
-        runs.append(run)
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The best run's overhead and stages, the median, and every run."""
     best = min(runs, key=lambda r: r["overhead_s"])
-    out = {
-        "figure": "cnnpipe train wall time minus training-job wall time (s)",
+    return {
         "overhead_s": round(best["overhead_s"], 3),
         "overhead_median_s": round(statistics.median(r["overhead_s"] for r in runs), 3),
-        "target_s": 10.0,
         "wall_s": round(best["wall_s"], 3),
         "train_job_s": best["result"]["timings"]["train_job"],
         "stages": best["stages"],
@@ -200,13 +169,99 @@ def main() -> int:
                 "timings": r["result"]["timings"],
             }
             for r in runs
-        ],  # fmt: skip
+        ],
+    }
+
+
+def measure(
+    sides: dict[str, Path], work: Path, data: Path, cache: Path, env: dict[str, str], n: int
+) -> dict[str, list[dict[str, Any]]]:
+    """A warm-up run per side (its stores, the tensor cache), then `n` measured runs of each,
+    alternating sides so that the machine's drift hits both alike."""
+    pipes = {}
+    for side, tree in sides.items():
+        pipes[side] = work / ("pipeline" if side == "current" else f"pipeline-{side}")
+        pipes[side].mkdir(exist_ok=True)
+        log(f"{side}: warm-up run (stores, tensor cache) ...")
+        warm = run_pipeline(pipes[side], data, cache, _side_env(env, tree))
+        log(f"{side}: warm-up {warm['wall_s']:.1f} s")
+    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
+    for i in range(n):
+        for side, tree in sides.items():
+            run = run_pipeline(pipes[side], data, cache, _side_env(env, tree))
+            run["stages"] = breakdown(run)
+            run["overhead_s"] = run["wall_s"] - run["result"]["timings"]["train_job"]
+            log(f"{side} run {i + 1}: wall {run['wall_s']:.1f} s, overhead "
+                f"{run['overhead_s']:.1f} s")  # fmt: skip
+            runs[side].append(run)
+    return runs
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=SHARED_DATA)
+    parser.add_argument(
+        "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cnnpipe-bench"
+    )
+    parser.add_argument("--runs", type=int, default=2, help="measured runs (after a warm-up)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per CLI latency figure")
+    parser.add_argument("--cli-only", action="store_true", help="CLI latency only (no training)")
+    parser.add_argument("--skip-cli", action="store_true", help="pipeline overhead only")
+    parser.add_argument(
+        "--baseline", metavar="REV", help="also measure commit REV (a git worktree), alternating"
+    )
+    parser.add_argument(
+        "--pycache-prefix", type=Path, help="cache bytecode in DIR (PYTHONPYCACHEPREFIX)"
+    )
+    args = parser.parse_args()
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    data = extract(args.data_dir, work, None)
+    cache = work / "cache"  # shared with bench_data.py / bench_train.py: decoded once
+    pipe = work / "pipeline"  # the cwd: its mlflow.db is the embedded default store
+    pipe.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
+    env = _side_env(env, REPO)
+    env.setdefault("PREFECT_HOME", str(work / "prefect-home"))
+    if args.pycache_prefix is not None:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(args.pycache_prefix.resolve())
+
+    if args.cli_only:
+        # The model an earlier full run registered, if there was one.
+        registered = "lenet5-cifar10-jpeg" if (pipe / "mlflow.db").exists() else None
+        print(json.dumps({"cli": cli_latency(pipe, data, env, args.repeat, registered)}, indent=2))
+        return 0
+    with contextlib.ExitStack() as stack:
+        sides = {"current": REPO}
+        if args.baseline:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-pipeline-")))
+            tree = tmp / "baseline"
+            git = ["git", "-C", str(REPO), "worktree"]
+            subprocess.run([*git, "add", "--detach", str(tree), args.baseline], check=True,
+                           stdout=subprocess.DEVNULL)  # fmt: skip
+            stack.callback(subprocess.run, [*git, "remove", "--force", str(tree)], check=False)
+            sides = {"baseline": tree, "current": REPO}
+        runs = measure(sides, work, data, cache, env, args.runs)
+    current = _summary(runs["current"])
+    best = min(runs["current"], key=lambda r: r["overhead_s"])
+    out: dict[str, Any] = {
+        "figure": "cnnpipe train wall time minus training-job wall time (s)",
+        **current,
+        "target_s": 10.0,
         "test_accuracy": best["result"]["metrics"]["test_accuracy"],
         "images_per_s": best["result"]["images_per_s"],
-        "cli": cli_latency(pipe, data, env, args.repeat, best["result"].get("model_name")),
-        "load_average": os.getloadavg(),
-        "cpu_count": os.cpu_count(),
     }
+    if args.baseline:
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", args.baseline], check=True,
+                             capture_output=True, text=True).stdout.strip()  # fmt: skip
+        out["baseline"] = {"rev": rev, **_summary(runs["baseline"])}
+        ratio = current["overhead_s"] / out["baseline"]["overhead_s"]
+        out["overhead_vs_baseline"] = round(ratio, 3)
+    if not args.skip_cli:
+        out["cli"] = cli_latency(pipe, data, env, args.repeat, best["result"].get("model_name"))
+    out["load_average"] = os.getloadavg()
+    out["cpu_count"] = os.cpu_count()
     print(json.dumps(out, indent=2))
     return 0
 

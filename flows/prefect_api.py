@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from tasks.common import health_problem
 from tasks.launch import watched_module_command
@@ -103,9 +104,12 @@ _ERRORS: list[BaseException] = []
 
 def start() -> bool:
     """Start the server and point this process's Prefect at it, unless a server is configured
-    (PREFECT_API_URL), one was started already, or Prefect is already imported (an in-process
-    caller keeps its own set-up, e.g. `prefect_test_harness`). True if it started one."""
-    if _SERVER or os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
+    (PREFECT_API_URL, in the environment or the active profile), one was started already, or
+    Prefect is already imported (an in-process caller keeps its own set-up, such as
+    `prefect_test_harness`). True if it started one."""
+    if _SERVER or "prefect" in sys.modules or os.environ.get("PREFECT_API_URL"):
+        return False
+    if _profile_sets_api_url():
         return False
     server = EmbeddedServer()
     _SERVER.append(server)
@@ -125,11 +129,43 @@ def start() -> bool:
 
 
 def wait() -> None:
-    """Block until the server started by `start` answers (no-op if none was started)."""
+    """Block until the server started by `start` answers (no-op if none was started). If
+    Prefect's own settings name a server after all (prefect.toml, pyproject.toml or .env in the
+    working directory), stop ours and use that one, as Prefect would have."""
     while _READY:
         _READY.pop().join()
-    if _ERRORS:
+    if not _SERVER:
+        return
+    from prefect.context import refresh_global_settings_context
+    from prefect.settings import Settings
+
+    ours, configured = os.environ.pop("PREFECT_API_URL"), None
+    try:
+        configured = Settings().api.url  # every settings source but our variable
+    finally:
+        if not configured:
+            os.environ["PREFECT_API_URL"] = ours
+        refresh_global_settings_context()  # Prefect read its settings when first imported
+    if configured:
+        _ERRORS.clear()
+        stop()
+    elif _ERRORS:
         raise _ERRORS.pop()
+
+
+def _profile_sets_api_url() -> bool:
+    """Whether the active Prefect profile sets PREFECT_API_URL (`prefect config set ...`), read
+    without importing Prefect. The other settings sources are checked by `wait`."""
+    import tomllib
+
+    home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
+    try:
+        profiles = tomllib.loads(path.read_text())
+    except (OSError, ValueError):  # no file, or not TOML: Prefect itself will say so
+        return False
+    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active") or "ephemeral"
+    return bool(profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL"))
 
 
 def stop() -> None:

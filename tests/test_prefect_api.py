@@ -8,6 +8,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,26 +20,35 @@ from flows import prefect_api
 from tasks.launch import _alive
 out = {"started": prefect_api.start(), "again": prefect_api.start(),
        "url": os.environ.get("PREFECT_API_URL")}
+out["pids"] = [s.process.pid for s in prefect_api._SERVER]
 try:
     prefect_api.wait()
-    if out["started"]:
+    if prefect_api._SERVER:  # still ours (not replaced by a configured server)
         out["health"] = urllib.request.urlopen(out["url"] + "/health", timeout=5).read().decode()
 except prefect_api.EmbeddedServerError as exc:
     out["error"] = str(exc)
-pids = [s.process.pid for s in prefect_api._SERVER]
+if "prefect" in sys.modules:
+    from prefect.settings import get_current_settings
+    out["prefect_uses"] = get_current_settings().api.url
+pids = out.pop("pids")
 out["server_alive"] = [_alive(p) for p in pids]
 prefect_api.stop()
 out["after_stop"] = [_alive(p) for p in pids]
-out["prefect_imported"] = "prefect" in sys.modules
 print(json.dumps(out))
 """
 
 
-def _run(tmp_path: Path, **env: str) -> dict:
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One Prefect home for the module: creating its database takes the server ~20 s."""
+    return tmp_path_factory.mktemp("prefect-home")
+
+
+def _run(tmp_path: Path, home: Path | None = None, **env: str) -> dict[str, Any]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     base.update(
         PYTHONPATH=str(REPO),
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_HOME=str(home or tmp_path / "prefect-home"),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         **env,
     )
@@ -46,14 +58,14 @@ def _run(tmp_path: Path, **env: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_the_server_starts_answers_for_this_process_and_stops(tmp_path: Path) -> None:
-    out = _run(tmp_path)
+def test_the_server_starts_answers_for_this_process_and_stops(tmp_path: Path, home: Path) -> None:
+    out = _run(tmp_path, home)
     assert out["started"] is True and out["again"] is False  # one server per process
     assert out["url"].startswith("http://127.0.0.1:") and out["url"].endswith("/api")
     assert out["health"] == "true"
     assert out["server_alive"] == [True] and out["after_stop"] == [False]
-    assert out["prefect_imported"] is False  # started and awaited without importing Prefect
-    assert (tmp_path / "prefect-home" / "prefect.db").is_file()  # Prefect's own database
+    assert out["prefect_uses"] == out["url"]  # Prefect, imported by wait(), talks to it
+    assert (home / "prefect.db").is_file()  # Prefect's own database
 
 
 def test_a_configured_server_is_used_as_it_is(tmp_path: Path) -> None:
@@ -64,8 +76,8 @@ def test_a_configured_server_is_used_as_it_is(tmp_path: Path) -> None:
 
 
 def test_a_server_that_does_not_come_up_is_one_clear_error_and_is_stopped(tmp_path: Path) -> None:
-    out = _run(tmp_path, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0.3")
-    assert "did not start within 0.3 s" in out["error"]
+    out = _run(tmp_path, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="1")
+    assert "did not start within 1 s" in out["error"]
     assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in out["error"]
     assert out["server_alive"] == [False]
 
@@ -76,4 +88,27 @@ def test_a_server_that_exits_while_starting_names_its_exit_code(tmp_path: Path) 
     (tmp_path / "no-such-dir").write_text("a file, not a folder")
     out = _run(tmp_path, PREFECT_API_DATABASE_CONNECTION_URL=bad)
     assert "exited with code" in out["error"] and "PREFECT_API_URL" in out["error"]
+    assert out["server_alive"] == [False]
+
+
+def test_a_server_in_the_active_profile_is_used_and_none_is_started(tmp_path: Path) -> None:
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    (home / "profiles.toml").write_text(
+        'active = "remote"\n[profiles.remote]\nPREFECT_API_URL = "http://127.0.0.1:9/api"\n'
+    )
+    out = _run(tmp_path)
+    assert out["started"] is False and out["server_alive"] == []
+    assert out["url"] is None  # left to Prefect, which reads its profile
+
+
+def test_a_server_named_in_prefect_toml_wins_over_the_embedded_one(
+    tmp_path: Path, home: Path
+) -> None:
+    # prefect.toml (like .env and pyproject.toml) is only seen by Prefect's own settings: the
+    # server starts, and wait() stops it and hands Prefect back its configured URL.
+    (tmp_path / "prefect.toml").write_text('[api]\nurl = "http://127.0.0.1:9/api"\n')
+    out = _run(tmp_path, home)
+    assert out["started"] is True
+    assert out["prefect_uses"] == "http://127.0.0.1:9/api"
     assert out["server_alive"] == [False]
