@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flows_helpers import REPO, log_and_register, tiny_classifier
+from flows_helpers import REPO, cli_env, cnnpipe, log_and_register, tiny_classifier
 from PIL import Image
 
 from tasks import mlflow_utils
@@ -162,3 +162,31 @@ def test_cli_predict_on_the_local_store_imports_no_mlflow(
     assert status == {"code": 0, "heavy": []}
     (result,) = json.loads(proc.stdout)
     assert [[p["label"], p["probability"]] for p in result["predictions"]] == want
+
+
+def test_cli_predict_as_a_flow_on_the_embedded_prefect_api(
+    mlflow_store: str, tmp_path: Path
+) -> None:
+    """`cnnpipe predict --flow` with no Prefect server configured: the console script starts
+    Prefect's embedded API itself (flows/prefect_api.py), the predictions come from the
+    "batch-predict" flow run, and they equal the plain function's."""
+    log_and_register(mlflow_store, "tiny", tiny_classifier(["cat", "dog", "eel"], "lenet5"))
+    image = tmp_path / "x.png"
+    pixels = np.random.default_rng(5).integers(0, 256, (40, 33, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(image)
+    env = cli_env(tmp_path / "prefect-home")
+    runs = {}
+    for mode in ([], ["--flow"]):
+        proc = subprocess.run(
+            cnnpipe("predict", *mode, "--model-uri", "models:/tiny@champion", "--json",
+                    str(image)),
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[tuple(mode)] = (json.loads(proc.stdout), proc.stderr)
+    assert runs[("--flow",)][0] == runs[()][0]
+    flow_log = runs[("--flow",)][1]
+    assert "Beginning flow run" in flow_log and "batch-predict" in flow_log
+    assert "Finished in state Completed" in flow_log
+    assert "Beginning flow run" not in runs[()][1]
+    assert (tmp_path / "prefect-home" / "prefect.db").is_file()  # the embedded server's store
