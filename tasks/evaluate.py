@@ -105,9 +105,9 @@ def log_evaluation(
     name = label or Path(train_out["output_dir"]).name
     if run_id:
         c = mlflow_utils.client(tracking_uri)
-        c.log_figure(run_id, plots.confusion_figure(classes, test["confusion_matrix"]),
-                     "evaluation/confusion_matrix.png")  # fmt: skip
-        c.log_figure(run_id, grid, "evaluation/sample_predictions.png")
+        c.log_image(run_id, plots.confusion_image(classes, test["confusion_matrix"]),
+                    artifact_file="evaluation/confusion_matrix.png")  # fmt: skip
+        c.log_image(run_id, grid, artifact_file="evaluation/sample_predictions.png")
         c.log_table(
             run_id,
             data={k: [r[k] for r in rows] for k in ("class", "accuracy", "images")},
