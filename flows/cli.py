@@ -201,13 +201,17 @@ def _before_flow() -> Callable[[], None]:
     return prefect_api.wait
 
 
-def _start_prefect(args: argparse.Namespace) -> None:
-    """Boot Prefect's embedded API now, in its own process (`flows.prefect_api`), so that it
-    overlaps the imports still to come (MLflow, Prefect, the flow's modules: about as long as
-    the boot). Only for the console script, and only once the plan has passed: a bad input
-    starts no server."""
-    if args.warm:
+def _start_prefect(args: argparse.Namespace, serve: bool = True) -> None:
+    """Boot Prefect's embedded API in its own process (`flows.prefect_api`), so that the boot
+    overlaps this process's imports: with `serve=False` it only imports (nothing is written),
+    and it serves once called again with `serve=True` after the plan has passed, so a bad
+    input never reaches a serving server. Only for the console script."""
+    if not args.warm:
+        return
+    if serve:
         prefect_api.start()
+    else:
+        prefect_api.prepare()
 
 
 # -------------------------------------------------------------------- commands
@@ -274,8 +278,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         check_output_dir(request.output_dir)
         check_tracking_destination()
         # Bad input fails here, within seconds, with nothing written anywhere. The flow's own
-        # plan of the same request is answered from the plan's memo.
-        plan_training(request)
+        # plan of the same request is answered from the plan's memo. Prefect's server process
+        # imports during the torch checks and serves once they pass.
+        plan_training(request, after_quick_checks=lambda: _start_prefect(args, serve=False))
         _start_prefect(args)
         wait_for_prefect = _before_flow()
         from flows.pipeline import train_pipeline

@@ -3,20 +3,25 @@
 Why not let Prefect start it (its ephemeral `SubprocessASGIServer`): Prefect starts the server at
 the flow's first API call, after this process has imported torch, MLflow and Prefect, and then
 waits about 4 s for it to boot; importing the module that holds that class costs this process
-another 1.7 s. Started here as a plain subprocess right after the torch-free checks, the boot runs
-on another core while this process imports the rest. It is the server Prefect would start (uvicorn
-on `prefect.server.api.server:create_app` with Prefect's ephemeral settings, on 127.0.0.1, in the
+another 1.7 s. Here the server process starts in two steps, both on the other core while this
+process works: `prepare()` right after the torch-free checks spawns it to import Prefect's server
+(the slow part, about 3 s, which writes nothing), and `start()` once the whole plan has passed
+tells it to serve (create or open the database, answer requests). A bad input found in between
+only ends a process that never served. It is the server Prefect would start (uvicorn on
+`prefect.server.api.server:create_app` with Prefect's ephemeral settings, on 127.0.0.1, in the
 same PREFECT_HOME database); this process reaches it through PREFECT_API_URL, which Prefect reads
 when it is first imported, so `start` must run before anything imports Prefect.
 
 The server listens on a socket bound here (`uvicorn --fd`): no port race between choosing a
 port and the server binding it. It runs in its own session (Ctrl-C in the terminal reaches the
 training jobs, not the server that must record their final state) and stops when this process
-dies, even by SIGKILL (`tasks.launch.watched_module_command`).
+dies, even by SIGKILL (`tasks.launch.watched_module_command`; and a server still waiting for
+its go sees its stdin close).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -39,7 +44,8 @@ class EmbeddedServerError(RuntimeError):
 
 
 class EmbeddedServer:
-    """One server process and the URL of its API."""
+    """One server process and the URL of its API. Created, the process imports Prefect's server
+    and waits; `serve()` lets it serve."""
 
     def __init__(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -50,14 +56,22 @@ class EmbeddedServer:
                 "--log-level", "error", "--lifespan", "on"]  # fmt: skip
         try:
             self.process = subprocess.Popen(
-                watched_module_command(sys.executable, "uvicorn", args),
+                watched_module_command(sys.executable, __name__, args),
                 env={**os.environ, **EPHEMERAL_ENV},
                 pass_fds=[sock.fileno()],
+                stdin=subprocess.PIPE,
                 stdout=2,  # its output goes to stderr: with --json, stdout holds one document
                 start_new_session=True,
             )
         finally:
             sock.close()  # the server holds its own copy
+
+    def serve(self) -> None:
+        """Tell the process to serve (it may still be importing: it serves when done)."""
+        assert self.process.stdin is not None
+        with contextlib.suppress(OSError):  # already gone: wait() reports its exit code
+            self.process.stdin.write(b"serve\n")
+            self.process.stdin.close()
 
     @property
     def api_url(self) -> str:
@@ -102,17 +116,28 @@ _READY: list[threading.Thread] = []  # waits for it in the background (I/O: no G
 _ERRORS: list[BaseException] = []
 
 
-def start() -> bool:
-    """Start the server and point this process's Prefect at it, unless a server is configured
-    (PREFECT_API_URL, in the environment or the active profile), one was started already, or
-    Prefect is already imported (an in-process caller keeps its own set-up, such as
-    `prefect_test_harness`). True if it started one."""
+def prepare() -> bool:
+    """Spawn the server process to import Prefect's server (nothing is written) unless a server
+    is configured (PREFECT_API_URL, in the environment or the active profile), one exists
+    already, or Prefect is already imported (an in-process caller keeps its own set-up, such as
+    `prefect_test_harness`). True if it spawned one."""
     if _SERVER or "prefect" in sys.modules or os.environ.get("PREFECT_API_URL"):
         return False
     if _profile_sets_api_url():
         return False
-    server = EmbeddedServer()
-    _SERVER.append(server)
+    _SERVER.append(EmbeddedServer())
+    return True
+
+
+def start() -> bool:
+    """Let the server serve (spawning it first if `prepare` did not) and point this process's
+    Prefect at it; `wait()` then blocks until it answers. True if this process has a server."""
+    if not _SERVER and not prepare():
+        return False
+    server = _SERVER[0]
+    if os.environ.get("PREFECT_API_URL") == server.api_url:
+        return True  # started already
+    server.serve()
     os.environ["PREFECT_API_URL"] = server.api_url  # after Popen: the server must not see it
     timeout = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
 
@@ -134,8 +159,8 @@ def wait() -> None:
     working directory), stop ours and use that one, as Prefect would have."""
     while _READY:
         _READY.pop().join()
-    if not _SERVER:
-        return
+    if not _SERVER or os.environ.get("PREFECT_API_URL") != _SERVER[0].api_url:
+        return  # none started (none spawned, or spawned but never told to serve)
     from prefect.context import refresh_global_settings_context
     from prefect.settings import Settings
 
@@ -169,6 +194,20 @@ def _profile_sets_api_url() -> bool:
 
 
 def stop() -> None:
-    """Stop the server started by `start`, if any (after Prefect has delivered its logs)."""
+    """Stop this process's server, if any (after Prefect has delivered its logs)."""
     while _SERVER:
         _SERVER.pop().stop()
+
+
+def _serve_when_told(uvicorn_args: list[str]) -> None:
+    """The server process: import Prefect's server now, serve once the parent says so. An
+    end of input instead (the plan failed, or the parent died) ends it having written nothing."""
+    import prefect.server.api.server  # noqa: F401 - the slow part, before the go
+    from uvicorn.main import main as uvicorn_main
+
+    if sys.stdin.readline().strip() == "serve":
+        uvicorn_main(uvicorn_args)
+
+
+if __name__ == "__main__":
+    _serve_when_told(sys.argv[1:])

@@ -28,6 +28,7 @@ import json
 import os
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -483,10 +484,13 @@ def _validate_values(cfg: TrainConfig, nproc_per_node: int, nnodes: int) -> None
 _MEMO: dict[str, tuple[TrainConfig, LaunchSpec]] = {}
 
 
-def plan_training(request: TrainRequest) -> tuple[TrainConfig, LaunchSpec]:
+def plan_training(
+    request: TrainRequest, *, after_quick_checks: Callable[[], None] | None = None
+) -> tuple[TrainConfig, LaunchSpec]:
     """Resolve and validate the run's config and its torchrun launch (raises ValueError /
     FileNotFoundError naming the bad value and the fix; nothing is written). The torch-free
-    checks come first, so a typo fails before torch is imported."""
+    checks come first, so a typo fails before torch is imported; `after_quick_checks` runs
+    between the two (the CLI spawns Prefect's server there to import while torch does)."""
     memo_key = json.dumps([dataclasses.asdict(request), os.getcwd()], sort_keys=True, default=str)
     if memo_key in _MEMO:
         cfg, launch = _MEMO[memo_key]
@@ -545,6 +549,8 @@ def plan_training(request: TrainRequest) -> tuple[TrainConfig, LaunchSpec]:
                        mirror=src.mirror)  # fmt: skip
     if cfg.model.pretrained:
         _pretrained_kind(cfg)  # a missing file or an unknown name: named before torch loads
+    if after_quick_checks is not None:
+        after_quick_checks()
     # Stage 2: checks that need torch (validate's device/model part, weights).
     cfg.validate(nproc_per_node=launch.nproc_per_node, nnodes=launch.nnodes)
     check_pretrained(cfg)

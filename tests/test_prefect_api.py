@@ -7,10 +7,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tasks.launch import _alive
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +63,7 @@ def _run(tmp_path: Path, home: Path | None = None, **env: str) -> dict[str, Any]
 
 def test_the_server_starts_answers_for_this_process_and_stops(tmp_path: Path, home: Path) -> None:
     out = _run(tmp_path, home)
-    assert out["started"] is True and out["again"] is False  # one server per process
+    assert out["started"] is True and out["again"] is True  # idempotent: one server
     assert out["url"].startswith("http://127.0.0.1:") and out["url"].endswith("/api")
     assert out["health"] == "true"
     assert out["server_alive"] == [True] and out["after_stop"] == [False]
@@ -112,3 +115,37 @@ def test_a_server_named_in_prefect_toml_wins_over_the_embedded_one(
     assert out["started"] is True
     assert out["prefect_uses"] == "http://127.0.0.1:9/api"
     assert out["server_alive"] == [False]
+
+
+def test_a_prepared_server_that_is_never_told_to_serve_writes_nothing(tmp_path: Path) -> None:
+    """What a bad input caught by the torch checks leaves: the process spawned by prepare()
+    imported and waited; told nothing (stop, or the parent's exit closing its stdin) it ends
+    without having created Prefect's database."""
+    code = (
+        "import sys, time\n"
+        "from flows import prefect_api\n"
+        "from tasks.launch import _alive\n"
+        "assert prefect_api.prepare()\n"
+        "pid = prefect_api._SERVER[0].process.pid\n"
+        "time.sleep(float(sys.argv[1]))\n"
+        "if sys.argv[2] == 'stop':\n"
+        "    prefect_api.stop()\n"
+        "    assert not _alive(pid)\n"
+        "print(pid)\n"
+    )
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PYTHONPATH=str(REPO), PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false"
+    )
+    for how in ("stop", "exit"):  # long enough for its imports to finish (it then waits)
+        proc = subprocess.run([sys.executable, "-c", code, "12", how], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        pid = int(proc.stdout.split()[-1])
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(pid)
+    assert list(home.iterdir()) == []  # no prefect.db: it never served
