@@ -149,3 +149,37 @@ def test_a_prepared_server_that_is_never_told_to_serve_writes_nothing(tmp_path: 
             time.sleep(0.1)
         assert not _alive(pid)
     assert list(home.iterdir()) == []  # no prefect.db: it never served
+
+
+def _cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The console script (`python -m flows.cli`), which starts its own server."""
+    from flows_helpers import cli_env, tiny_dataset
+
+    if not (tmp_path / "data").exists():
+        tiny_dataset(tmp_path / "data", n_train=4, n_val=2)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", "train", "--model", "lenet5", "--dataset",
+         "imagefolder", "--data-dir", "data", "--epochs", "1", "--batch-size", "2", *args],
+        cwd=tmp_path, env=cli_env(tmp_path / "prefect-home", **env), capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_cli_bad_input_of_the_torch_checks_leaves_no_served_server(tmp_path: Path) -> None:
+    (tmp_path / "prefect-home").mkdir()
+    proc = _cli(tmp_path, "--set", "device=cuda", CUDA_VISIBLE_DEVICES="")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "device='cuda'" in lines[0], proc.stderr
+    assert list((tmp_path / "prefect-home").iterdir()) == []  # no prefect.db: it never served
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_cli_server_that_cannot_start_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    (tmp_path / "not-a-dir").write_text("a file where the database folder should be")
+    bad = f"sqlite+aiosqlite:///{tmp_path / 'not-a-dir' / 'prefect.db'}"
+    proc = _cli(tmp_path, PREFECT_API_DATABASE_CONNECTION_URL=bad)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("cnnpipe train: error: Prefect's embedded API server exited"), last
+    assert not (tmp_path / "runs").exists()  # no training job started
