@@ -102,6 +102,9 @@ class EmbeddedServer:
         )
 
     def stop(self, timeout: float = 5.0) -> None:
+        if self.process.stdin is not None and not self.process.stdin.closed:
+            with contextlib.suppress(OSError):
+                self.process.stdin.close()  # a process still waiting for its go ends on EOF
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -111,7 +114,7 @@ class EmbeddedServer:
                 self.process.wait()
 
 
-_SERVER: list[EmbeddedServer] = []  # this process's server, once started
+_SERVER: list[EmbeddedServer] = []  # this process's server, once spawned
 _READY: list[threading.Thread] = []  # waits for it in the background (I/O: no GIL contention)
 _ERRORS: list[BaseException] = []
 
