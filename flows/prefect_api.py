@@ -122,21 +122,30 @@ _ERRORS: list[BaseException] = []
 def prepare() -> bool:
     """Spawn the server process to import Prefect's server (nothing is written) unless a server
     is configured (PREFECT_API_URL, in the environment or the active profile), one exists
-    already, or Prefect is already imported (an in-process caller keeps its own set-up, such as
-    `prefect_test_harness`). True if it spawned one."""
-    if _SERVER or "prefect" in sys.modules or os.environ.get("PREFECT_API_URL"):
+    already, Prefect is already imported (an in-process caller keeps its own set-up, such as
+    `prefect_test_harness`), or PREFECT_HOME does not exist yet. True if it spawned one."""
+    if _SERVER or not _may_start():
         return False
-    if _profile_sets_api_url():
-        return False
+    if not _prefect_home().is_dir():
+        return False  # importing Prefect would create it: on the very first run, `start` spawns
     _SERVER.append(EmbeddedServer())
     return True
+
+
+def _may_start() -> bool:
+    """No server configured (environment, active profile) and Prefect not yet imported."""
+    if "prefect" in sys.modules or os.environ.get("PREFECT_API_URL"):
+        return False
+    return not _profile_sets_api_url()
 
 
 def start() -> bool:
     """Let the server serve (spawning it first if `prepare` did not) and point this process's
     Prefect at it; `wait()` then blocks until it answers. True if this process has a server."""
-    if not _SERVER and not prepare():
-        return False
+    if not _SERVER:
+        if not _may_start():
+            return False
+        _SERVER.append(EmbeddedServer())
     server = _SERVER[0]
     if os.environ.get("PREFECT_API_URL") == server.api_url:
         return True  # started already
@@ -181,13 +190,18 @@ def wait() -> None:
         raise _ERRORS.pop()
 
 
+def _prefect_home() -> Path:
+    """PREFECT_HOME as Prefect resolves it by default."""
+    return Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+
+
 def _profile_sets_api_url() -> bool:
     """Whether the active Prefect profile sets PREFECT_API_URL (`prefect config set ...`), read
     without importing Prefect. The other settings sources are checked by `wait`."""
     import tomllib
 
-    home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
-    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
+    path = os.environ.get("PREFECT_PROFILES_PATH") or _prefect_home() / "profiles.toml"
+    path = Path(path).expanduser()
     try:
         profiles = tomllib.loads(path.read_text())
     except (OSError, ValueError):  # no file, or not TOML: Prefect itself will say so

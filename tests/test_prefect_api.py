@@ -151,6 +151,20 @@ def test_a_prepared_server_that_is_never_told_to_serve_writes_nothing(tmp_path: 
     assert list(home.iterdir()) == []  # no prefect.db: it never served
 
 
+def test_no_early_spawn_before_prefect_has_a_home(tmp_path: Path) -> None:
+    """Importing Prefect creates PREFECT_HOME: on a machine where it does not exist yet, a bad
+    input must not leave even that folder behind, so prepare() spawns nothing there."""
+    home = tmp_path / "no-home-yet"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PYTHONPATH=str(REPO), PREFECT_HOME=str(home))
+    code = "from flows import prefect_api\nprint(prefect_api.prepare(), prefect_api._SERVER)\n"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["False", "[]"]
+    assert not home.exists()
+
+
 def _cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """The console script (`python -m flows.cli`), which starts its own server."""
     from flows_helpers import cli_env, tiny_dataset
