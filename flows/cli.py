@@ -4,8 +4,9 @@ Each sub-command imports what it needs lazily: `cnnpipe models`, `--help` and th
 bad-input errors import no torch, Prefect or MLflow (model metadata comes from
 `tasks/models_table.json`). Commands that run flows check everything checkable first (see
 `tasks/plan.py`), so bad input fails in seconds with exit code 2 and one line naming the problem,
-before Prefect starts and before anything is written. `predict` and `evaluate` run as plain
-functions unless a Prefect server is configured (PREFECT_API_URL) or `--flow` is given.
+before Prefect's server serves (`flows/prefect_api.py`) and before anything is written.
+`predict` and `evaluate` run as plain functions unless a Prefect server is configured
+(PREFECT_API_URL) or `--flow` is given.
 
 Signals: Ctrl-C (SIGINT to the process group) and SIGTERM stop every training job of this
 process, start no further job, mark the MLflow run KILLED and exit 130/143 with one line. The
