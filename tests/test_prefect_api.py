@@ -4,7 +4,6 @@ fresh interpreter (the module must act before Prefect is imported, and pytest im
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flows_helpers import cli_env
 
 from tasks.launch import _alive
 
@@ -48,13 +48,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _run(tmp_path: Path, home: Path | None = None, **env: str) -> dict[str, Any]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    base.update(
-        PYTHONPATH=str(REPO),
-        PREFECT_HOME=str(home or tmp_path / "prefect-home"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        **env,
-    )
+    base = cli_env(home or tmp_path / "prefect-home", **env)
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=base, capture_output=True,
                           text=True, timeout=180, cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -135,10 +129,7 @@ def test_a_prepared_server_that_is_never_told_to_serve_writes_nothing(tmp_path: 
     )
     home = tmp_path / "prefect-home"
     home.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PYTHONPATH=str(REPO), PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false"
-    )
+    env = cli_env(home)
     for how in ("stop", "exit"):  # long enough for its imports to finish (it then waits)
         proc = subprocess.run([sys.executable, "-c", code, "12", how], env=env, cwd=tmp_path,
                               capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -155,8 +146,7 @@ def test_no_early_spawn_before_prefect_has_a_home(tmp_path: Path) -> None:
     """Importing Prefect creates PREFECT_HOME: on a machine where it does not exist yet, a bad
     input must not leave even that folder behind, so prepare() spawns nothing there."""
     home = tmp_path / "no-home-yet"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PYTHONPATH=str(REPO), PREFECT_HOME=str(home))
+    env = cli_env(home)
     code = "from flows import prefect_api\nprint(prefect_api.prepare(), prefect_api._SERVER)\n"
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -167,7 +157,7 @@ def test_no_early_spawn_before_prefect_has_a_home(tmp_path: Path) -> None:
 
 def _cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """The console script (`python -m flows.cli`), which starts its own server."""
-    from flows_helpers import cli_env, tiny_dataset
+    from flows_helpers import tiny_dataset
 
     if not (tmp_path / "data").exists():
         tiny_dataset(tmp_path / "data", n_train=4, n_val=2)
