@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flows_helpers import cli_env
+from flows_helpers import cli_env, tiny_dataset
 
 from tasks.launch import _alive
 
@@ -157,8 +157,6 @@ def test_no_early_spawn_before_prefect_has_a_home(tmp_path: Path) -> None:
 
 def _cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """The console script (`python -m flows.cli`), which starts its own server."""
-    from flows_helpers import tiny_dataset
-
     if not (tmp_path / "data").exists():
         tiny_dataset(tmp_path / "data", n_train=4, n_val=2)
     return subprocess.run(
