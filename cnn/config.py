@@ -169,6 +169,9 @@ class RuntimeSection:
     loader_mode: LoaderMode = "auto"  # memory | stream | auto
     num_workers: int = 2
     eval_batch_size: int | None = None  # global; None = 2 * batch_size
+    # CPU DDP with every rank on this host: average gradients through shared memory instead of
+    # gloo (cnn.dist.SharedMemoryAllReduce; much lower latency for small models). Off = gloo.
+    shm_allreduce: bool = True
 
 
 @dataclass

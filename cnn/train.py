@@ -319,8 +319,9 @@ class Engine:
             objects["ema"] = self.ema
         return objects
 
-    def wrap(self) -> None:
-        """Compile before wrapping in DDP, as the engine's contract says (after any resume)."""
+    def wrap(self) -> str | None:
+        """Compile before wrapping in DDP, as the engine's contract says (after any resume).
+        Returns how a multi-process CPU job all-reduces its gradients (for the log), else None."""
         self.model = torch.compile(self.raw) if self.cfg.perf.compile else self.raw
         self.eval_model = self.model
         if self.info.world_size > 1:
@@ -329,6 +330,14 @@ class Engine:
             # Gradients as views into DDP's all-reduce buckets: no copy of every gradient into
             # its bucket and back each step, and one gradient-sized buffer less.
             self.model = DDP(self.model, device_ids=ids, gradient_as_bucket_view=True)
+            if device.type == "cpu":
+                why = (
+                    D.attach_shm_allreduce(self.model, self.info)
+                    if self.cfg.runtime.shm_allreduce
+                    else "runtime.shm_allreduce=false"
+                )
+                return "shared memory" if why is None else f"gloo ({why})"
+        return None
 
     def autocast(self) -> Any:
         return (
@@ -447,7 +456,9 @@ def _run(
     if resume_path is not None:
         ckpt.load(resume_path)
         log(f"resumed from {resume_path} at epoch {state.epoch} step {state.step}", flush=True)
-    eng.wrap()
+    allreduce = eng.wrap()
+    if allreduce:
+        log(f"gradient all-reduce: {allreduce}", flush=True)
     tracker = Tracker(cfg.tracking.mlflow_run_id, cfg.tracking.mlflow_tracking_uri, info.is_main)
     tracker.log_params(cfg.sectioned())  # `section.key` names, grouped in the MLflow UI
     for row in state.history:  # idempotent: fills in anything a crash kept from being logged

@@ -57,6 +57,7 @@ def reference(tiny_data: dict, tmp_path_factory: pytest.TempPathFactory) -> Path
     code, log = run(torchrun_cmd(2, write_config(cfg), "--standalone"), timeout=TIMEOUT)
     assert code == 0, log[-4000:]
     assert log.count("epoch 1/2 train_loss") == 1  # progress printed by rank 0 only
+    assert "gradient all-reduce: shared memory" in log  # one host: not gloo
     return Path(cfg.run.output_dir)
 
 
@@ -145,7 +146,8 @@ def test_kill_during_checkpoint_write(
 
 def test_two_torchrun_agents_form_one_job(reference: Path, tiny_data: dict, tmp_path: Path) -> None:
     """Multi-node for real: two agents on 127.0.0.1 (1 process each) meet through c10d
-    rendezvous and train as one 2-rank job, matching the standalone 2-rank run."""
+    rendezvous and train as one 2-rank job (gloo all-reduce), matching the standalone 2-rank
+    run (shared-memory all-reduce)."""
     cfg = tiny_config(tiny_data, tmp_path / "nodes", ckpt_interval_steps=CKPT_EVERY)
     path = write_config(cfg)
     port = free_port()
@@ -173,4 +175,6 @@ def test_two_torchrun_agents_form_one_job(reference: Path, tiny_data: dict, tmp_
     result = json.loads((Path(cfg.run.output_dir) / "result.json").read_text())
     assert result["world_size"] == 2
     assert sum("epoch 2/2 train_loss" in o for o in outs) == 1  # one job, one main rank
+    # Two hosts as far as the ranks know: gloo, and the same parameters as shared memory.
+    assert sum("gradient all-reduce: gloo (ranks on other hosts" in o for o in outs) == 1
     assert_params_close(model_params(reference), model_params(cfg.run.output_dir), atol=1e-6)

@@ -1,0 +1,124 @@
+"""The shared-memory gradient all-reduce (cnn.dist.SharedMemoryAllReduce) against gloo, in real
+processes: the same averages, buckets it cannot take handed to gloo, a rank that never arrives,
+and the cases where it stands aside. The engine-level check (a 2-rank job with it equals the
+1-rank run, and the 2-agent multi-node job, which keeps gloo, equals both) is in
+tests/test_torchrun.py."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from cnn import dist as D
+
+pytestmark = pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64") or not Path("/dev/shm").is_dir(),
+    reason="the shared-memory all-reduce runs on x86-64 hosts with /dev/shm",
+)
+
+
+def _init(rank: int, world: int, store: str) -> D.DistInfo:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    return D.DistInfo(rank, rank, world, world, torch.device("cpu"), rank == 0)
+
+
+class TwoDtypes(nn.Module):
+    """One float32 and one float64 layer: DDP puts them in separate buckets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 2).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x).sum() + self.b(x.double()).sum()
+
+
+def _averages(rank: int, world: int, store: str, out: str) -> None:
+    info = _init(rank, world, store)
+    shm = D.SharedMemoryAllReduce(1000, rank, world, timeout_s=60)
+    results = []
+    # Several generations of different sizes: both slot sets are reused.
+    for i, n in enumerate([1000, 7, 513, 1000, 1, 64, 999]):
+        mine = torch.randn(n, generator=torch.Generator().manual_seed(100 * i + rank))
+        want = mine.clone()
+        dist.all_reduce(want)
+        results.append((shm.average_(mine.clone()), want / world))
+    # A DDP model with a float64 layer: that bucket goes to gloo, the float32 one to the hook.
+    torch.manual_seed(0)
+    model = TwoDtypes()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    assert D.attach_shm_allreduce(ddp, info) is None
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(rank))
+    ddp(x).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    # The reference: the same model's own gradients on this rank, averaged by gloo.
+    ref_model = TwoDtypes()
+    ref_model.load_state_dict(model.state_dict())
+    ref_model(x).backward()
+    ref = []
+    for p in ref_model.parameters():
+        g = p.grad.clone()
+        dist.all_reduce(g)
+        ref.append(g / world)
+    if rank == 0:
+        torch.save({"averages": results, "grads": grads, "ref": ref}, out)
+    shm.close()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_averages_equal_gloo(world: int, tmp_path: Path) -> None:
+    out = tmp_path / "out.pt"
+    mp.spawn(_averages, args=(world, str(tmp_path / "store"), str(out)), nprocs=world)
+    saved = torch.load(out)
+    for got, want in saved["averages"]:
+        if world == 2:  # a + b in either order: the same bits as gloo
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    for got, want in zip(saved["grads"], saved["ref"], strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert not list(Path("/dev/shm").glob("cnnpipe-ar-*"))  # unlinked once all had attached
+
+
+def _absent_peer(rank: int, world: int, store: str, out: str) -> None:
+    _init(rank, world, store)
+    shm = D.SharedMemoryAllReduce(16, rank, world, timeout_s=1.0)
+    if rank == 0:
+        try:
+            shm.average_(torch.ones(16))
+        except RuntimeError as e:
+            Path(out).write_text(str(e))
+    dist.barrier()  # rank 1 waits here: it never joins the all-reduce
+    dist.destroy_process_group()
+
+
+def test_rank_that_never_arrives_times_out(tmp_path: Path) -> None:
+    out = tmp_path / "error.txt"
+    mp.spawn(_absent_peer, args=(2, str(tmp_path / "store"), str(out)), nprocs=2)
+    assert out.read_text() == "shared-memory all-reduce: rank(s) [1] did not arrive within 1 s"
+
+
+@pytest.mark.parametrize(
+    ("info", "numel", "reason"),
+    [
+        (D.DistInfo(0, 0, 4, 2, torch.device("cpu"), True), 10, "multi-node"),
+        (D.DistInfo(0, 0, 2, 2, torch.device("cuda", 0), True), 10, "CPU job"),
+        (D.DistInfo(0, 0, 2, 2, torch.device("cpu"), True), 64 << 20, "too large"),
+    ],
+)
+def test_stands_aside(info: D.DistInfo, numel: int, reason: str) -> None:
+    assert reason in (D.shm_allreduce_problem(info, numel) or "")
+
+
+def test_takes_a_small_single_host_cpu_job() -> None:
+    info = D.DistInfo(0, 0, 2, 2, torch.device("cpu"), True)
+    assert D.shm_allreduce_problem(info, 62_006) is None
