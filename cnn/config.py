@@ -51,6 +51,7 @@ Aug = Literal["auto", "cifar", "flip", "finetune", "none"]
 LoaderMode = Literal["auto", "memory", "stream"]
 Storage = Literal["auto", "memory", "shards"]
 Decoder = Literal["pil", "torchvision", "device"]
+Tta = Literal["none", "flip"]
 
 
 def _how_to_set(name: str) -> str:
@@ -85,6 +86,9 @@ class DataSection:
     resolution: int | None = None  # stored cache resolution; None = the dataset's native size
     input_size: int | None = None  # None = the model's default input size
     aug: Aug = "auto"  # cifar | flip | finetune | none | auto (by model source)
+    # Test-time augmentation: "flip" scores each image as the mean of its logits and its
+    # mirror's, in validation, test, export and serving alike (cnn.models.FlipAverage).
+    tta: Tta = "none"
     # Image folders: "memory" (uint8 tensors), "shards" (the streaming JPEG store, for folders
     # that outgrow memory), "auto" (shards when the decoded images exceed the memory budget).
     storage: Storage = "auto"

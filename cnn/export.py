@@ -24,7 +24,7 @@ from torchvision.transforms.v2 import functional as TF
 from cnn.atomic import atomic_write
 from cnn.data.images import decode_file
 from cnn.data.sources import IMAGE_EXTENSIONS
-from cnn.models import main_logits
+from cnn.models import main_logits, with_tta
 
 OUTPUTS = ("probabilities", "logits")
 EXPORT_BATCH = 2  # trace with 2 images: torch.export specialises a batch of 1 to a constant
@@ -200,6 +200,7 @@ def from_checkpoint(
     from cnn.checkpoint import load_model_from_checkpoint
 
     model, cfg, meta = load_model_from_checkpoint(path, device=device)
+    model = with_tta(model, cfg.data.tta)  # exported with it: serving predicts as validated
     missing = [k for k in ("classes", "input_size", "mean", "std") if k not in meta]
     if missing:
         raise ValueError(f"checkpoint {path} lacks {', '.join(missing)} in its meta; retrain it")
@@ -221,6 +222,7 @@ def from_checkpoint(
             "resolution": cfg.data.resolution,
             "storage": cfg.data.storage,
             "image_cap": cfg.data.image_cap,
+            "tta": cfg.data.tta,
         },
     ).to(device)
 

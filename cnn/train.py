@@ -362,11 +362,14 @@ class Engine:
         return self.scheduler.get_last_lr()[0]
 
     def evaluate(self, loader: Any, num_classes: int, model: nn.Module | None = None) -> EvalResult:
-        """Exact evaluation of `model`, by default the one reported (the EMA when there is one)."""
+        """Exact evaluation of `model`, by default the one reported (the EMA when there is one),
+        as it predicts (`data.tta`)."""
+        from cnn.models import with_tta
+
         if model is None:
             model = self.ema.module if self.ema is not None else self.eval_model
         return evaluate(
-            model,
+            with_tta(model, self.cfg.data.tta),
             loader,
             num_classes,
             device=self.info.device,
