@@ -183,6 +183,12 @@ def test_validate_rejects_a_bad_choice_set_directly() -> None:
         cfg.validate()
 
 
+def test_bad_tta_names_the_choices() -> None:
+    msg = r"data.tta='sideways' is not valid; choose one of none, flip"
+    with pytest.raises(ValueError, match=msg):
+        TrainConfig().replace(tta="sideways")
+
+
 def test_batch_not_divisible_by_world_size_names_numbers_and_fix() -> None:
     cfg = TrainConfig().replace(batch_size=100, device="cpu")
     cfg.validate(nproc_per_node=2)  # 100 / 2 is fine

@@ -14,11 +14,12 @@ from cnn.config import TrainConfig
 from cnn.export import (
     ImageClassifier,
     expand_image_paths,
+    export_network,
     from_checkpoint,
     from_torchvision,
     load_image,
 )
-from cnn.models import get_model
+from cnn.models import FlipAverage, get_model, with_tta
 
 
 def _classifier(output: str = "probabilities", in_channels: int = 3) -> ImageClassifier:
@@ -111,6 +112,40 @@ def test_from_checkpoint_restores_preprocessing_and_classes(tmp_path: Path) -> N
     x = torch.rand(2, 3, 32, 32)
     expected = model.eval()((x - clf.mean) / clf.std).softmax(1)
     torch.testing.assert_close(clf(x), expected)
+
+
+def test_flip_tta_averages_an_image_and_its_mirror() -> None:
+    torch.manual_seed(0)
+    net = get_model("lenet5", num_classes=3).eval()
+    tta = with_tta(net, "flip")
+    assert isinstance(tta, FlipAverage) and with_tta(net, "none") is net
+    x = torch.rand(4, 3, 32, 32)
+    torch.testing.assert_close(tta(x), (net(x) + net(x.flip(-1))) / 2)
+    torch.testing.assert_close(tta(x.flip(-1)), tta(x))  # a mirror image scores the same
+    assert not torch.allclose(net(x.flip(-1)), net(x))  # which the bare network does not
+    with pytest.raises(ValueError, match="tta='sideways' is not valid; choose none or flip"):
+        with_tta(net, "sideways")
+
+
+def test_tta_run_exports_and_serves_with_its_tta(tmp_path: Path) -> None:
+    """A checkpoint trained with data.tta=flip: `from_checkpoint` and the exported `.pt2`
+    (what a registered model serves) both predict through the flip average."""
+    torch.manual_seed(0)
+    model = get_model("lenet5", num_classes=2)
+    cfg = TrainConfig().replace(model="lenet5", dataset="imagefolder", tta="flip")
+    meta = {"classes": ["a", "b"], "num_classes": 2, "in_channels": 3, "input_size": 32,
+            "resize_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}  # fmt: skip
+    state = {"model": model.state_dict(), "config": cfg.to_dict(),
+             "config_hash": cfg.config_hash(), "meta": meta}  # fmt: skip
+    clf = from_checkpoint(save_checkpoint(state, tmp_path / "best.pt"), output="logits")
+    assert clf.info["tta"] == "flip"
+    x = torch.rand(3, 3, 32, 32)
+    norm = (x - clf.mean) / clf.std
+    want = (model.eval()(norm) + model(norm.flip(-1))) / 2
+    torch.testing.assert_close(clf(x), want)
+    program = torch.export.load(str(export_network(clf, tmp_path / "network.pt2"))).module()
+    torch.testing.assert_close(program(norm), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(program(norm.flip(-1)), want, rtol=1e-4, atol=1e-5)
 
 
 def test_from_torchvision_uses_its_preset_and_imagenet_labels(tmp_path: Path) -> None:
