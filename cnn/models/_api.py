@@ -27,17 +27,17 @@ __all__ = [
     "CIFAR10_STD",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "FlipAverage",
     "ModelInfo",
     "check_input_size",
     "get_model",
     "list_models",
-    "FlipAverage",
     "main_logits",
-    "with_tta",
     "model_info",
     "register_model",
     "replace_first_conv",
     "training_loss",
+    "with_tta",
 ]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
