@@ -175,6 +175,8 @@ class RuntimeSection:
     eval_batch_size: int | None = None  # global; None = 2 * batch_size
     # CPU DDP with every rank on this host: average gradients through shared memory instead of
     # gloo (cnn.dist.SharedMemoryAllReduce; much lower latency for small models). Off = gloo.
+    # The same bits as gloo for 2 ranks; from 3 ranks on, the summation order (so the last bits
+    # of the rounding) differs from gloo's ring.
     shm_allreduce: bool = True
 
 
