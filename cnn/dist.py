@@ -194,6 +194,11 @@ class SharedMemoryAllReduce:
         ).view(2, world, capacity)
         self._gen = 0
 
+    @property
+    def generation(self) -> int:
+        """How many all-reduces went through shared memory so far."""
+        return self._gen
+
     @staticmethod
     def nbytes(capacity: int, world: int) -> int:
         return world * _CACHE_LINE + 2 * world * capacity * 4

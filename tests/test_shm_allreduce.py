@@ -50,13 +50,17 @@ def _averages(rank: int, world: int, store: str, out: str) -> None:
         want = mine.clone()
         dist.all_reduce(want)
         results.append((shm.average_(mine.clone()), want / world))
+    small = nn.parallel.DistributedDataParallel(nn.Linear(2, 2))
+    assert D.attach_shm_allreduce(small, info) is None  # installed on a small CPU model
     # A DDP model with a float64 layer: that bucket goes to gloo, the float32 one to the hook.
     torch.manual_seed(0)
     model = TwoDtypes()
     ddp = nn.parallel.DistributedDataParallel(model)
-    assert D.attach_shm_allreduce(ddp, info) is None
+    state = D.SharedMemoryAllReduce(sum(p.numel() for p in model.parameters()), rank, world, 60)
+    ddp.register_comm_hook(state, D._shm_hook)
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(rank))
     ddp(x).backward()
+    assert state.generation == 1  # one bucket through shared memory, the float64 one not
     grads = [p.grad.clone() for p in model.parameters()]
     # The reference: the same model's own gradients on this rank, averaged by gloo.
     ref_model = TwoDtypes()
