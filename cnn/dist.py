@@ -169,12 +169,18 @@ class SharedMemoryAllReduce:
         self.rank, self.world, self.capacity, self.timeout_s = rank, world, capacity, timeout_s
         words = _CACHE_LINE // 8  # one int64 counter per cache line: no false sharing
         header = world * _CACHE_LINE
-        name = str(broadcast_object(f"cnnpipe-ar-{uuid.uuid4().hex[:16]}" if rank == 0 else None))
-        path = SHM_DIR / name
         size = self.nbytes(capacity, world)
+        path, error = SHM_DIR / f"cnnpipe-ar-{uuid.uuid4().hex[:16]}", None
         if rank == 0:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            os.ftruncate(fd, size)  # zero-filled: every counter starts at generation 0
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                os.ftruncate(fd, size)  # zero-filled: every counter starts at generation 0
+            except OSError as e:
+                error = f"cannot create {path}: {e.strerror}"
+        # Every rank learns the path, or rank 0's error (then all raise it alike).
+        path, error = broadcast_object((path, error))  # type: ignore[misc]
+        if error:
+            raise OSError(error)
         try:
             barrier()
             if rank != 0:
@@ -258,9 +264,9 @@ def shm_allreduce_problem(info: DistInfo, numel: int) -> str | None:
     try:
         st = os.statvfs(SHM_DIR)
     except OSError:
-        return "no /dev/shm"
+        return f"no {SHM_DIR}"
     if st.f_bavail * st.f_frsize < 2 * size:
-        return f"/dev/shm has under {2 * size >> 20} MB free"
+        return f"{SHM_DIR} has under {2 * size >> 20} MB free"
     return None
 
 
@@ -272,7 +278,10 @@ def attach_shm_allreduce(ddp_model: Any, info: DistInfo, timeout_s: float = 1800
     problem = shm_allreduce_problem(info, numel) if info.is_main else None
     problem = broadcast_object(problem)  # rank 0 decides: free space may change meanwhile
     if problem is None:
-        state = SharedMemoryAllReduce(numel, info.rank, info.world_size, timeout_s)
+        try:
+            state = SharedMemoryAllReduce(numel, info.rank, info.world_size, timeout_s)
+        except OSError as e:  # rank 0 could not create the segment: every rank raised this
+            return str(e)
         ddp_model.register_comm_hook(state, _shm_hook)
     return problem
 

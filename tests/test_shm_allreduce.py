@@ -73,6 +73,10 @@ def _averages(rank: int, world: int, store: str, out: str) -> None:
         ref.append(g / world)
     if rank == 0:
         torch.save({"averages": results, "grads": grads, "ref": ref}, out)
+    # The DDP wrappers go before the process group, as in the engine (`_run` returns before
+    # `cleanup`): a DDP reducer outliving its group can abort the process at exit.
+    del small, ddp
+    dist.barrier()
     shm.close()
     dist.destroy_process_group()
 
@@ -103,6 +107,28 @@ def _absent_peer(rank: int, world: int, store: str, out: str) -> None:
             Path(out).write_text(str(e))
     dist.barrier()  # rank 1 waits here: it never joins the all-reduce
     dist.destroy_process_group()
+
+
+def _uncreatable(rank: int, world: int, store: str, out: str) -> None:
+    info = _init(rank, world, store)
+    D.SHM_DIR = Path(out)  # a file, not a folder: it passes statvfs, but nothing can go in it
+    ddp = nn.parallel.DistributedDataParallel(nn.Linear(2, 2))
+    why = D.attach_shm_allreduce(ddp, info)
+    ddp(torch.ones(1, 2)).sum().backward()  # trains on with gloo
+    if rank == 1:
+        Path(out).write_text(str(why))
+    del ddp
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_segment_that_cannot_be_created_leaves_gloo_on_every_rank(tmp_path: Path) -> None:
+    out = tmp_path / "why.txt"
+    out.write_text("")
+    mp.spawn(_uncreatable, args=(2, str(tmp_path / "store"), str(out)), nprocs=2)
+    why = out.read_text()
+    assert why.startswith(f"cannot create {out}/cnnpipe-ar-"), why
+    assert why.endswith(": Not a directory"), why
 
 
 def test_rank_that_never_arrives_times_out(tmp_path: Path) -> None:
