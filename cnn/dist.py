@@ -170,8 +170,9 @@ class SharedMemoryAllReduce:
         words = _CACHE_LINE // 8  # one int64 counter per cache line: no false sharing
         header = world * _CACHE_LINE
         size = self.nbytes(capacity, world)
-        path, error = SHM_DIR / f"cnnpipe-ar-{uuid.uuid4().hex[:16]}", None
+        path, error = None, None
         if rank == 0:
+            path = SHM_DIR / f"cnnpipe-ar-{uuid.uuid4().hex[:16]}"
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                 os.ftruncate(fd, size)  # zero-filled: every counter starts at generation 0
