@@ -4,10 +4,11 @@ Every node of a multi-node job runs its own flow (`cnnpipe train --nnodes N` per
 torchrun's c10d rendezvous assigns ranks by arrival, so no node knows before the job starts
 whether it will host rank 0. The nodes therefore agree on the run *before* training, through
 the tracking server they share: each looks for a RUNNING run tagged with the job's key, joins
-the oldest one, or creates one and then re-reads the runs with that key; when two nodes created
-runs at the same moment, both see both and keep the oldest (start time, then run id), and the
-node whose run lost deletes it. Every node then passes the same run id to its engine; only global
-rank 0 logs into it, and that node's flow evaluates, registers and ends the run.
+the oldest one, or creates one; either way it waits `SETTLE_S` and re-reads the runs with that
+key. When two nodes created runs at the same moment, every node sees both and keeps the oldest
+(start time, then run id), and the node whose run lost deletes it. Every node then passes the
+same run id to its engine; only global rank 0 logs into it, and that node's flow evaluates,
+registers and ends the run.
 
 The key is the rendezvous endpoint and id plus the config hash; only runs started within
 `JOIN_WINDOW_S` are joined, so a crashed job's run from another day is never picked up by a new
@@ -52,13 +53,12 @@ def join_or_start(
     """The job's run id, and whether this node created it. ``start`` creates a RUNNING run
     tagged ``JOB_KEY_TAG=key`` and returns its id."""
     existing = _job_runs(client, experiment_id, key)
-    if existing:
-        return existing[0].info.run_id, False
-    mine = start()
+    mine = None if existing else start()
+    # Joiners settle too: a run another node is still creating may carry an earlier start
+    # time than the one this node saw, and then it (not the one seen) is the job's run.
     time.sleep(SETTLE_S)
-    runs = _job_runs(client, experiment_id, key)
+    runs = _job_runs(client, experiment_id, key) or existing
     winner = runs[0].info.run_id if runs else mine
-    if winner != mine:  # another node created the job's run at the same moment: use theirs
+    if mine is not None and winner != mine:  # another node's run is older: use theirs
         client.delete_run(mine)
-        return winner, False
-    return mine, True
+    return winner, winner == mine

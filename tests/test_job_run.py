@@ -4,6 +4,7 @@ through the tracking store before torchrun assigns ranks. Real MLflow (SQLite st
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -33,14 +34,15 @@ def test_nodes_starting_together_share_one_run(mlflow_store: str) -> None:
     key = job_run.job_key("10.0.0.1:29500", "job-7", "abc123")
     created: list[str] = []
     results: list[tuple[str, bool]] = []
-    barrier = threading.Barrier(3)
+    nodes = 6
+    barrier = threading.Barrier(nodes)
 
     def node() -> None:
         client = mlflow.MlflowClient(uri)
-        barrier.wait()  # the three nodes look for the job's run at the same moment
+        barrier.wait()  # the nodes look for the job's run at the same moment
         results.append(job_run.join_or_start(client, exp, key, _starter(client, exp, key, created)))
 
-    threads = [threading.Thread(target=node) for _ in range(3)]
+    threads = [threading.Thread(target=node) for _ in range(nodes)]
     for t in threads:
         t.start()
     for t in threads:
@@ -51,6 +53,51 @@ def test_nodes_starting_together_share_one_run(mlflow_store: str) -> None:
     live = c.search_runs([exp], filter_string=f"tags.`{job_run.JOB_KEY_TAG}` = '{key}'")
     assert [r.info.run_id for r in live] == list(ids)  # the losers' runs are deleted
     assert len(created) >= 1
+
+
+def test_a_run_committed_late_with_an_earlier_start_wins_for_joiners_too(mlflow_store: str) -> None:
+    """Node S stamps its run's start time, but its create commits late; meanwhile F creates a
+    later-stamped run and J sees only F's. Once S's run is visible it is the oldest, so all
+    three (J included, who joined without creating) must end on S's run."""
+    import mlflow
+
+    c, uri, exp = _store(mlflow_store)
+    key = job_run.job_key("10.0.0.1:29500", "job-9", "abc123")
+    s_looked, f_created = threading.Event(), threading.Event()
+    results: dict[str, tuple[str, bool]] = {}
+
+    def slow_start() -> str:
+        stamped = int(time.time() * 1000) - 50
+        s_looked.set()
+        f_created.wait(30)
+        time.sleep(0.3)  # J has read the runs by now and seen only F's
+        return c.create_run(exp, start_time=stamped, tags={job_run.JOB_KEY_TAG: key}).info.run_id
+
+    def fast_start() -> str:
+        run_id = c.create_run(exp, tags={job_run.JOB_KEY_TAG: key}).info.run_id
+        f_created.set()
+        return run_id
+
+    def never_start() -> str:
+        raise AssertionError("J should join, not create")
+
+    def node(name: str, wait: threading.Event | None, start) -> None:
+        if wait is not None:
+            wait.wait(30)
+        client = mlflow.MlflowClient(uri)
+        results[name] = job_run.join_or_start(client, exp, key, start)
+
+    threads = [
+        threading.Thread(target=node, args=("S", None, slow_start)),
+        threading.Thread(target=node, args=("F", s_looked, fast_start)),
+        threading.Thread(target=node, args=("J", f_created, never_start)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {run_id for run_id, _ in results.values()} == {results["S"][0]}, results
+    assert results["S"][1] and not results["F"][1] and not results["J"][1]
 
 
 def test_a_later_node_joins_and_other_jobs_do_not(mlflow_store: str, monkeypatch) -> None:
@@ -73,7 +120,6 @@ def test_a_later_node_joins_and_other_jobs_do_not(mlflow_store: str, monkeypatch
 
 def test_a_stale_run_of_the_same_key_is_not_joined(mlflow_store: str, monkeypatch) -> None:
     """A crashed job's run, still RUNNING days later, is not picked up by a new job."""
-    import time
 
     c, _, exp = _store(mlflow_store)
     monkeypatch.setattr(job_run, "SETTLE_S", 0.0)
