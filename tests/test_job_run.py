@@ -120,7 +120,6 @@ def test_a_later_node_joins_and_other_jobs_do_not(mlflow_store: str, monkeypatch
 
 def test_a_stale_run_of_the_same_key_is_not_joined(mlflow_store: str, monkeypatch) -> None:
     """A crashed job's run, still RUNNING days later, is not picked up by a new job."""
-
     c, _, exp = _store(mlflow_store)
     monkeypatch.setattr(job_run, "SETTLE_S", 0.0)
     key = job_run.job_key("10.0.0.1:29500", "cnnpipe", "abc123")
