@@ -54,7 +54,7 @@ Decoder = Literal["pil", "torchvision", "device"]
 Tta = Literal["none", "flip"]
 
 
-def _how_to_set(name: str) -> str:
+def how_to_set(name: str) -> str:
     """The fix half of a bad-value error: where the value goes (a launch setting is a flag)."""
     if name in ("nproc_per_node", "nnodes"):
         return f"pass --{name.replace('_', '-')} N (a positive integer)"
@@ -354,7 +354,7 @@ class TrainConfig:
         }
         for name, value in positive.items():
             if not value > 0:
-                raise ValueError(f"{name}={value} must be > 0; {_how_to_set(name)}")
+                raise ValueError(f"{name}={value} must be > 0; {how_to_set(name)}")
         non_negative = {
             "optim.weight_decay": o.weight_decay,
             "optim.grad_clip": o.grad_clip,
@@ -366,7 +366,7 @@ class TrainConfig:
         }
         for name, value in non_negative.items():
             if value < 0:
-                raise ValueError(f"{name}={value} must be >= 0; {_how_to_set(name)}")
+                raise ValueError(f"{name}={value} must be >= 0; {how_to_set(name)}")
         for name, value in (
             ("model.num_classes", self.model.num_classes),
             ("runtime.eval_batch_size", rt.eval_batch_size),
@@ -377,7 +377,7 @@ class TrainConfig:
         ):
             if value is not None and value < 1:
                 raise ValueError(
-                    f"{name}={value} must be >= 1 (or null for the default); {_how_to_set(name)}"
+                    f"{name}={value} must be >= 1 (or null for the default); {how_to_set(name)}"
                 )
         if d.image_cap is not None and d.image_cap < 8:
             raise ValueError(
@@ -392,7 +392,7 @@ class TrainConfig:
             ("schedule.pct_start", s.pct_start, 0.0, 1.0),
         ):
             if not lo <= value < hi:
-                raise ValueError(f"{name}={value} must be in [{lo}, {hi}); {_how_to_set(name)}")
+                raise ValueError(f"{name}={value} must be in [{lo}, {hi}); {how_to_set(name)}")
         target = self.run.target_accuracy
         if target is not None and not 0.0 < target <= 1.0:
             raise ValueError(

@@ -19,6 +19,7 @@ from a memo, so validation is done once.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -28,12 +29,12 @@ import json
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from cnn.config import RECIPES_DIR, TrainConfig, find_recipe, resolve_config
+from cnn.config import RECIPES_DIR, TrainConfig, find_recipe, how_to_set, resolve_config
 from cnn.folders import find_folder_root
 from tasks.launch import LaunchSpec
 from tasks.request import CompareRequest, TrainRequest
@@ -471,6 +472,20 @@ def _check_batch(cfg: TrainConfig, train_size: int, where: str, world: int) -> N
     )
 
 
+@contextlib.contextmanager
+def _fix_at_the_flag(request: TrainRequest) -> Iterator[None]:
+    """A bad value set by a shortcut flag (`--epochs 0`) is fixed at that flag: the config's
+    generic "--set KEY=VALUE" advice would not work, as the flag overrides `--set`."""
+    try:
+        yield
+    except ValueError as exc:
+        msg = str(exc)
+        for key, where in request.shortcut_flags().items():
+            if msg.startswith(f"{key}=") and how_to_set(key) in msg:
+                raise ValueError(msg.replace(how_to_set(key), f"change {where}")) from None
+        raise
+
+
 def _validate_values(cfg: TrainConfig, nproc_per_node: int, nnodes: int) -> None:
     """`TrainConfig.validate` without its device and model parts, which import torch: plain
     value errors (epochs=0, a bad optimizer name) are reported before seconds of imports and
@@ -529,7 +544,8 @@ def plan_training(
     )
     check_model_name(cfg.model.name)
     key = check_dataset_name(cfg.data.dataset)
-    _validate_values(cfg, launch.nproc_per_node, launch.nnodes)
+    with _fix_at_the_flag(request):
+        _validate_values(cfg, launch.nproc_per_node, launch.nnodes)
     world = launch.nproc_per_node * launch.nnodes
     if key == "imagefolder":
         folder = count_imagefolder(cfg.source.data_dir)
@@ -552,7 +568,8 @@ def plan_training(
     if after_quick_checks is not None:
         after_quick_checks()
     # Stage 2: checks that need torch (validate's device/model part, weights).
-    cfg.validate(nproc_per_node=launch.nproc_per_node, nnodes=launch.nnodes)
+    with _fix_at_the_flag(request):
+        cfg.validate(nproc_per_node=launch.nproc_per_node, nnodes=launch.nnodes)
     check_pretrained(cfg)
     _MEMO[memo_key] = (copy.deepcopy(cfg), launch)
     return cfg, launch

@@ -96,6 +96,15 @@ class RunRequest:
                 merged[key] = value
         return merged
 
+    def shortcut_flags(self) -> dict[str, str]:
+        """{TrainConfig key: "field (--flag)"} for each shortcut this request sets: a bad value
+        given that way is fixed there, since it overrides `--set` for the same key."""
+        return {
+            f.metadata["config"]: f"{f.name} ({f.metadata['flags'][0]})"
+            for f in fields(self)
+            if f.metadata.get("config") and getattr(self, f.name) is not None
+        }
+
     def check(self) -> None:
         """The request's own values (the config's are `tasks.plan`'s)."""
         if self.train_retries < 0:

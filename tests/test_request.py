@@ -88,3 +88,35 @@ def test_the_flows_take_the_request_as_a_described_form() -> None:
             train_pipeline.validate_parameters({"request": bad})
     got = compare_architectures.validate_parameters({"request": {"models": "lenet5,vgg11"}})
     assert got["request"].models == ("lenet5", "vgg11")
+
+
+@pytest.mark.parametrize(
+    ("shortcut", "override", "expected"),
+    [
+        ({"epochs": 0}, None, r"optim\.epochs=0 must be > 0; change epochs \(--epochs\)$"),
+        ({"lr": -1.0}, None, r"optim\.lr=-1\.0 must be > 0; change lr \(--lr\)$"),
+        ({"batch_size": 0}, None, r"optim\.batch_size=0 must be > 0; change batch_size"),
+        # Set with --set, the --set advice stands; a good flag does not take a bad --set's blame.
+        ({}, "optim.epochs=0", r"optim\.epochs=0 must be > 0; set optim\.epochs in the config"),
+        ({"epochs": 3}, "optim.lr=0", r"optim\.lr=0\.0 must be > 0; set optim\.lr in the config"),
+    ],
+)
+def test_a_bad_value_from_a_flag_is_fixed_at_that_flag(
+    tmp_path, shortcut: dict, override: str | None, expected: str
+) -> None:
+    """`--epochs 0` overrides any `--set optim.epochs=...`, so the error points at the flag."""
+    from flows_helpers import tiny_dataset
+
+    from tasks.plan import plan_training
+
+    tiny_dataset(tmp_path / "data", n_train=4, n_val=2)
+    request = TrainRequest(
+        model="lenet5",
+        dataset="imagefolder",
+        data_dir=str(tmp_path / "data"),
+        overrides=[override] if override else None,
+        **shortcut,
+    )
+    with pytest.raises(ValueError, match=expected):
+        plan_training(request)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing written
