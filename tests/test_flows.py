@@ -196,14 +196,16 @@ def test_cancelled_pipeline_leaves_no_process_behind(
     """SIGTERM to `cnnpipe train` (what a Prefect process worker sends on cancellation) while
     the training workers run: torchrun, its workers and their children all go."""
     work, uri = _workdir(tmp_path, tmp_path_factory.getbasetemp())
-    proc = subprocess.Popen(cnnpipe(*TRAIN, "--epochs", "500", "--retries", "0"), cwd=work,
-                            env=cli_env(prefect_home), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    log = tmp_path / "cnnpipe.log"  # a file, not a pipe: an unread pipe would fill and block
+    with log.open("w") as err:
+        proc = subprocess.Popen(cnnpipe(*TRAIN, "--epochs", "500", "--retries", "0"), cwd=work,
+                                env=cli_env(prefect_home), stdout=subprocess.DEVNULL,
+                                stderr=err, text=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 300
         workers: list[int] = []
         while not workers:
-            assert proc.poll() is None, proc.stderr.read()[-3000:]  # type: ignore[union-attr]
+            assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "training workers never started"
             time.sleep(0.5)
             workers = [p for p in _tree(proc.pid) if "-u -m cnn.train" in cmdline(p)]

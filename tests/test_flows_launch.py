@@ -95,7 +95,8 @@ def test_an_exception_kills_the_whole_tree_including_new_sessions() -> None:
 
     def on_line(line: str) -> None:
         seen.append(line)
-        if line == "worker up":
+        # Launcher and worker print from their own processes, in either order.
+        if {"launcher up", "worker up"} <= set(seen) and not pids:
             time.sleep(0.3)  # let the grandchild start
             # Only this job's processes (the test session may have other children).
             pids.extend(p for p in process_tree(os.getpid()) if "sleep(60)" in cmdline(p))
@@ -172,6 +173,7 @@ def test_job_slots_cap_concurrency_and_never_share_a_gpu() -> None:
     in_use: list[str] = []
     peak, clashes = [0], []
     lock = threading.Lock()
+    both_held = threading.Event()
 
     def job() -> None:
         with slots.acquire(1) as gpus:
@@ -179,7 +181,9 @@ def test_job_slots_cap_concurrency_and_never_share_a_gpu() -> None:
                 clashes.extend(g for g in gpus if g in in_use)
                 in_use.extend(gpus)
                 peak[0] = max(peak[0], len(in_use))
-            time.sleep(0.05)
+                if len(in_use) == 2:
+                    both_held.set()
+            both_held.wait(10)  # hold the slot until two jobs have run at once
             with lock:
                 for g in gpus:
                     in_use.remove(g)

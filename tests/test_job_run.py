@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -27,7 +28,13 @@ def _starter(c, exp: str, key: str, created: list[str]):
     return start
 
 
-def test_nodes_starting_together_share_one_run(mlflow_store: str) -> None:
+def _settle_with(monkeypatch, hook) -> None:
+    """Replace join_or_start's settle sleep with `hook`: the tests decide when the nodes'
+    writes are visible instead of trusting a 1-s sleep on a loaded machine."""
+    monkeypatch.setattr(job_run, "time", SimpleNamespace(time=time.time, sleep=lambda _s: hook()))
+
+
+def test_nodes_starting_together_share_one_run(mlflow_store: str, monkeypatch) -> None:
     import mlflow
 
     c, uri, exp = _store(mlflow_store)
@@ -35,11 +42,12 @@ def test_nodes_starting_together_share_one_run(mlflow_store: str) -> None:
     created: list[str] = []
     results: list[tuple[str, bool]] = []
     nodes = 6
-    barrier = threading.Barrier(nodes)
+    start, settled = threading.Barrier(nodes), threading.Barrier(nodes)
+    _settle_with(monkeypatch, lambda: settled.wait(60))  # every node has created or joined
 
     def node() -> None:
         client = mlflow.MlflowClient(uri)
-        barrier.wait()  # the nodes look for the job's run at the same moment
+        start.wait(60)  # the nodes look for the job's run at the same moment
         results.append(job_run.join_or_start(client, exp, key, _starter(client, exp, key, created)))
 
     threads = [threading.Thread(target=node) for _ in range(nodes)]
@@ -48,6 +56,7 @@ def test_nodes_starting_together_share_one_run(mlflow_store: str) -> None:
     for t in threads:
         t.join()
     ids = {run_id for run_id, _ in results}
+    assert len(results) == nodes
     assert len(ids) == 1, results  # every node logs into the same run
     assert sum(mine for _, mine in results) == 1  # exactly one node owns it
     live = c.search_runs([exp], filter_string=f"tags.`{job_run.JOB_KEY_TAG}` = '{key}'")
@@ -55,7 +64,9 @@ def test_nodes_starting_together_share_one_run(mlflow_store: str) -> None:
     assert len(created) >= 1
 
 
-def test_a_run_committed_late_with_an_earlier_start_wins_for_joiners_too(mlflow_store: str) -> None:
+def test_a_run_committed_late_with_an_earlier_start_wins_for_joiners_too(
+    mlflow_store: str, monkeypatch
+) -> None:
     """Node S stamps its run's start time, but its create commits late; meanwhile F creates a
     later-stamped run and J sees only F's. Once S's run is visible it is the oldest, so all
     three (J included, who joined without creating) must end on S's run."""
@@ -63,15 +74,23 @@ def test_a_run_committed_late_with_an_earlier_start_wins_for_joiners_too(mlflow_
 
     c, uri, exp = _store(mlflow_store)
     key = job_run.job_key("10.0.0.1:29500", "job-9", "abc123")
-    s_looked, f_created = threading.Event(), threading.Event()
+    s_looked, f_created, s_created = threading.Event(), threading.Event(), threading.Event()
+    settling = {name: threading.Event() for name in "SFJ"}
     results: dict[str, tuple[str, bool]] = {}
+
+    def settle() -> None:  # a node has made its first read (and created its run, if any)
+        settling[threading.current_thread().name].set()
+        s_created.wait(60)
+
+    _settle_with(monkeypatch, settle)
 
     def slow_start() -> str:
         stamped = int(time.time() * 1000) - 50
         s_looked.set()
-        f_created.wait(30)
-        time.sleep(0.3)  # J has read the runs by now and seen only F's
-        return c.create_run(exp, start_time=stamped, tags={job_run.JOB_KEY_TAG: key}).info.run_id
+        settling["J"].wait(60)  # J has read the runs and seen only F's
+        run_id = c.create_run(exp, start_time=stamped, tags={job_run.JOB_KEY_TAG: key})
+        s_created.set()
+        return run_id.info.run_id
 
     def fast_start() -> str:
         run_id = c.create_run(exp, tags={job_run.JOB_KEY_TAG: key}).info.run_id
@@ -81,16 +100,16 @@ def test_a_run_committed_late_with_an_earlier_start_wins_for_joiners_too(mlflow_
     def never_start() -> str:
         raise AssertionError("J should join, not create")
 
-    def node(name: str, wait: threading.Event | None, start) -> None:
+    def node(wait: threading.Event | None, start) -> None:
         if wait is not None:
-            wait.wait(30)
+            wait.wait(60)
         client = mlflow.MlflowClient(uri)
-        results[name] = job_run.join_or_start(client, exp, key, start)
+        results[threading.current_thread().name] = job_run.join_or_start(client, exp, key, start)
 
     threads = [
-        threading.Thread(target=node, args=("S", None, slow_start)),
-        threading.Thread(target=node, args=("F", s_looked, fast_start)),
-        threading.Thread(target=node, args=("J", f_created, never_start)),
+        threading.Thread(target=node, name="S", args=(None, slow_start)),
+        threading.Thread(target=node, name="F", args=(s_looked, fast_start)),
+        threading.Thread(target=node, name="J", args=(f_created, never_start)),
     ]
     for t in threads:
         t.start()

@@ -7,6 +7,7 @@ so every variant is compared with the same uninterrupted 2-rank reference run.""
 from __future__ import annotations
 
 import json
+import random
 import socket
 import sys
 from pathlib import Path
@@ -43,9 +44,16 @@ def torchrun_cmd(nproc: int, config: Path, *launch: str) -> list[str]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768+), so no outgoing connection can take it
+    between this check and torchrun binding it."""
+    for port in random.Random().sample(range(20000, 30000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-29999")
 
 
 @pytest.fixture(scope="module")
