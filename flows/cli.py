@@ -195,6 +195,7 @@ def _before_flow() -> Callable[[], None]:
     for Prefect's embedded API (started earlier by `_start_prefect`)."""
     from tasks.mlflow_utils import check_reachable, check_tracking
 
+    prefect_api.check_configured()
     check_reachable()
     uri = check_tracking()
     with contextlib.suppress(Exception):  # housekeeping must never block a run
@@ -226,9 +227,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from tasks.plan import check_dataset, check_download
+    from tasks.plan import check_cache_dir, check_dataset, check_download
 
     check_dataset(args.dataset, args.data_dir)
+    check_cache_dir(args.cache_dir, args.data_dir)
     check_download(args.dataset, args.data_dir, args.cache_dir)
     from cnn.data import prepare_dataset
 
@@ -362,19 +364,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--split {args.split!r} is not valid; choose train, val or test")
     check_model_uri(args.model_uri)
     check_dataset(args.dataset, args.data_dir)
+    note = None  # said once the model has loaded: a failing command ends with one line
     if args.split is None:  # the default: test, or val (said so) when there is no test split
         try:
             split_available(args.dataset, args.data_dir, "test")
             args.split = "test"
         except ValueError:
             args.split = "val"
-            print(f"note: {args.data_dir} has no test split; evaluating on its val split",
-                  file=sys.stderr)  # fmt: skip
+            note = f"note: {args.data_dir} has no test split; evaluating on its val split"
     split_available(args.dataset, args.data_dir, args.split)
     if _want_flow(args):
+        prefect_api.check_configured()
         _start_prefect(args)
     with _stdout_to_stderr(args.json) as emit:
         model = load_classifier(args.model_uri)  # a URI that names nothing fails here
+        if note:
+            print(note, file=sys.stderr, flush=True)
         request = EvaluateRequest(args.model_uri, args.dataset, args.data_dir, args.cache_dir,
                                   args.split)  # fmt: skip
         result = _run_or_flow(args, "evaluate", request, model)
@@ -400,6 +405,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     paths = expand_image_paths(args.images)
     load_images(paths, 3)  # a file that is not an image fails now, before any model loads
     if _want_flow(args):
+        prefect_api.check_configured()
         _start_prefect(args)
     with _stdout_to_stderr(args.json) as emit:
         model = load_classifier(args.model_uri, args.pretrained)  # a URI that names nothing
@@ -504,7 +510,8 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError, TrackingUnavailableError) as exc:
+    except (ValueError, FileNotFoundError, KeyError, TrackingUnavailableError,
+            prefect_api.ApiUnavailableError) as exc:  # fmt: skip
         # Bad input: one clear line, non-zero exit, no traceback.
         _say(f"cnnpipe {args.command}: error: {_one_line(exc)}")
         return 2

@@ -39,6 +39,10 @@ EPHEMERAL_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
 DEFAULT_STARTUP_TIMEOUT_S = 90.0
 
 
+class ApiUnavailableError(RuntimeError):
+    """The configured Prefect server does not answer (bad input: exit 2, like MLflow's)."""
+
+
 class EmbeddedServerError(RuntimeError):
     """The embedded server did not come up (the machine, not the user's input)."""
 
@@ -136,7 +140,31 @@ def _may_start() -> bool:
     """No server configured (environment, active profile) and Prefect not yet imported."""
     if "prefect" in sys.modules or os.environ.get("PREFECT_API_URL"):
         return False
-    return not _profile_sets_api_url()
+    return not _profile_api_url()
+
+
+def check_configured(timeout: float = 5.0) -> None:
+    """A configured Prefect server (PREFECT_API_URL, or the active profile's) answers its
+    health check, so an unreachable one fails before anything runs or is written, with the
+    fix, instead of Prefect's traceback when the flow starts."""
+    import urllib.error
+    import urllib.request
+
+    url = os.environ.get("PREFECT_API_URL") or _profile_api_url()
+    if not url or (_SERVER and url == _SERVER[0].api_url):
+        return
+    fix = "start that server (`prefect server start`) or unset PREFECT_API_URL for the embedded one"
+    try:
+        urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        pass  # a server answered (Prefect Cloud may want the API key even here): Prefect decides
+    except (urllib.error.URLError, OSError) as exc:
+        problem = str(getattr(exc, "reason", exc))
+        raise ApiUnavailableError(f"Prefect API {url} is unreachable ({problem}); {fix}") from None
+    except ValueError:
+        raise ApiUnavailableError(
+            f"PREFECT_API_URL={url!r} is not a URL (e.g. http://127.0.0.1:4200/api); {fix}"
+        ) from None
 
 
 def start() -> bool:
@@ -195,9 +223,9 @@ def _prefect_home() -> Path:
     return Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
 
 
-def _profile_sets_api_url() -> bool:
-    """Whether the active Prefect profile sets PREFECT_API_URL (`prefect config set ...`), read
-    without importing Prefect. The other settings sources are checked by `wait`."""
+def _profile_api_url() -> str | None:
+    """The active Prefect profile's PREFECT_API_URL (`prefect config set ...`), read without
+    importing Prefect. The other settings sources are checked by `wait`."""
     import tomllib
 
     path = os.environ.get("PREFECT_PROFILES_PATH") or _prefect_home() / "profiles.toml"
@@ -205,9 +233,9 @@ def _profile_sets_api_url() -> bool:
     try:
         profiles = tomllib.loads(path.read_text())
     except (OSError, ValueError):  # no file, or not TOML: Prefect itself will say so
-        return False
+        return None
     active = os.environ.get("PREFECT_PROFILE") or profiles.get("active") or "ephemeral"
-    return bool(profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL"))
+    return profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL") or None
 
 
 def stop() -> None:

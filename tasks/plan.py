@@ -28,6 +28,7 @@ import functools
 import json
 import os
 import socket
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -268,20 +269,41 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+def check_writable_dir(target: Path, what: str, fix: str) -> None:
+    """`target` is a folder, or can be created as one, that this process can write in: a file
+    in the way, a missing permission or a file system that refuses (read-only, /proc) is named
+    now. Nothing is left behind (the probe folder is removed)."""
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{what} is a file, not a directory; {fix}")
+    base = _nearest_existing(target)
+    if not base.is_dir():
+        raise ValueError(f"{what} cannot be created: {base} is a file; {fix}")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} is not writable ({base} does not allow writing for this "
+                         f"user); {fix}")  # fmt: skip
+    try:  # os.access says yes to root everywhere, /proc included: ask the file system itself
+        os.rmdir(tempfile.mkdtemp(prefix=".cnnpipe-probe-", dir=base))
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ValueError(f"{what} cannot be created in {base} ({reason}); {fix}") from None
+
+
 def check_output_dir(output_dir: str | Path | None) -> None:
     """The output dir is a directory (or can be created) and is writable; nothing created."""
     target = Path(output_dir) if output_dir else Path("runs")
     what = f"--output-dir {target}" if output_dir else f"the default output folder {target}"
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"{what} is a file, not a directory; pass another --output-dir")
-    base = _nearest_existing(target)
-    if not base.is_dir():
-        raise ValueError(f"{what} cannot be created: {base} is a file; pass another --output-dir")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise ValueError(
-            f"{what} is not writable ({base} does not allow writing for this user); pass "
-            "--output-dir in a folder you can write to"
-        )
+    check_writable_dir(target, what, "pass --output-dir in a folder you can write to")
+
+
+def check_cache_dir(cache_dir: str | Path | None, data_dir: str | Path) -> None:
+    """A tensor cache that does not exist yet can be created (an existing one may be a
+    read-only shared cache: prepare then only reads it). An s3:// store is not a folder."""
+    if str(cache_dir).startswith("s3://"):  # cnn.data.shards.is_remote, without torch
+        return
+    target = Path(cache_dir) if cache_dir is not None else Path(data_dir) / "cache"
+    if not target.is_dir():
+        what = f"--cache-dir {target}" if cache_dir is not None else f"the cache folder {target}"
+        check_writable_dir(target, what, "pass --cache-dir in a folder you can write to")
 
 
 def check_tracking_destination(uri: str | None = None) -> str:
@@ -563,6 +585,7 @@ def plan_training(
         src = cfg.source
         check_download(cfg.data.dataset, src.data_dir, src.cache_dir, download=src.download,
                        mirror=src.mirror)  # fmt: skip
+    check_cache_dir(cfg.source.cache_dir, cfg.source.data_dir)
     if cfg.model.pretrained:
         _pretrained_kind(cfg)  # a missing file or an unknown name: named before torch loads
     if after_quick_checks is not None:

@@ -191,3 +191,67 @@ def test_offline_download_fails_fast_with_the_offline_route(tmp_path: Path, comm
     assert "Traceback" not in proc.stderr
     assert wall < 15 + 10  # 15 s bound, plus process start-up on a loaded 2-core machine
     assert not (tmp_path / "data").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        ([*TRAIN, "--output-dir", "/proc/cnnpipe-out"], "--output-dir /proc/cnnpipe-out"),
+        ([*TRAIN, "--cache-dir", "/proc/cnnpipe-cache"], "--cache-dir /proc/cnnpipe-cache"),
+        (["prepare", "--dataset", "imagefolder", "--data-dir", "data", "--cache-dir",
+          "/proc/cnnpipe-cache"], "--cache-dir /proc/cnnpipe-cache"),
+    ],
+)  # fmt: skip
+def test_a_folder_the_file_system_refuses(
+    workdir: Path, capsys: pytest.CaptureFixture[str], argv: list[str], flag: str
+) -> None:
+    """/proc refuses new folders even to root, whom os.access lets write anywhere: the plan
+    asks the file system itself, before any flow or MLflow run exists."""
+    err = _fails(argv, capsys, workdir)
+    assert f"{flag} cannot be created in /proc" in err and "in a folder you can write to" in err
+    assert not (workdir / "data" / "cache").exists()
+
+
+def _refused_url() -> str:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on once this socket is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/api"
+
+
+@pytest.mark.parametrize("command", ["train", "predict"])
+def test_unreachable_prefect_api(
+    workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    command: str,
+) -> None:  # fmt: skip
+    """A configured Prefect server that does not answer fails before anything runs (predict
+    runs as a flow when PREFECT_API_URL is set), instead of Prefect's traceback."""
+    url = _refused_url()
+    monkeypatch.setenv("PREFECT_API_URL", url)
+    image = next((workdir / "data" / "train").rglob("*.png"))
+    argv = TRAIN if command == "train" else ["predict", "--model-uri", "models:/x@champion",
+                                             str(image)]  # fmt: skip
+    err = _fails(argv, capsys, workdir)
+    assert f"Prefect API {url} is unreachable" in err and "unset PREFECT_API_URL" in err
+
+
+def test_evaluate_without_a_test_split_fails_in_one_line(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The "no test split, evaluating val" note comes after the model loads: a failing
+    evaluate still ends with its one error line."""
+    argv = ["evaluate", "--model-uri", "models:/x@champion", "--dataset", "imagefolder",
+            "--data-dir", "data"]  # fmt: skip
+    err = _fails(argv, capsys, workdir)
+    assert "no MLflow store" in err
+
+
+def test_prefect_api_url_that_is_not_a_url(
+    workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PREFECT_API_URL", "localhost4200")
+    err = _fails(TRAIN, capsys, workdir)
+    assert "PREFECT_API_URL='localhost4200' is not a URL" in err and "http://" in err
