@@ -301,12 +301,19 @@ def load_image(path: str | Path, channels: int = 3) -> torch.Tensor:
 
 
 def expand_image_paths(items: Sequence[str | Path]) -> list[Path]:
-    """Files as given plus the image files inside given directories (sorted, recursive)."""
+    """Files as given plus the image files inside given directories (sorted, recursive; hidden
+    ones left out)."""
     paths: list[Path] = []
     for item in items:
         p = Path(item)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS)
+            found = sorted(
+                q
+                for q in p.rglob("*")
+                if q.suffix.lower() in IMAGE_EXTENSIONS
+                # hidden files and folders (`._x.jpg` resource forks, .ipynb_checkpoints)
+                and not any(part.startswith(".") for part in q.relative_to(p).parts)
+            )
             if not found:
                 raise FileNotFoundError(
                     f"directory {p} holds no image files ({' '.join(IMAGE_EXTENSIONS)})"

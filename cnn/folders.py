@@ -3,7 +3,15 @@ torch) and the data layer use the same rule."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+
+def visible_entries(folder: str | Path) -> list[os.DirEntry[str]]:
+    """`folder`'s entries sorted by name, without hidden ones: `.ipynb_checkpoints/` (Jupyter),
+    `.DS_Store` and macOS's `._<name>` resource forks are neither classes nor images."""
+    entries = (e for e in os.scandir(folder) if not e.name.startswith("."))
+    return sorted(entries, key=lambda e: e.name)
 
 
 def find_folder_root(data_dir: str | Path) -> Path:

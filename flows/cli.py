@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -193,13 +194,14 @@ def _before_flow() -> Callable[[], None]:
     """Everything between a valid plan and the flow: MLflow reachable and usable (an
     unreachable server fails now, not after training), orphaned runs closed. Returns the wait
     for Prefect's embedded API (started earlier by `_start_prefect`)."""
-    from tasks.mlflow_utils import check_reachable, check_tracking
+    from tasks.mlflow_utils import check_reachable, check_tracking, store_exists
 
     prefect_api.check_configured()
     check_reachable()
-    uri = check_tracking()
-    with contextlib.suppress(Exception):  # housekeeping must never block a run
-        _mark_orphaned_runs(uri)
+    uri = check_tracking(defer_new=True)  # a new local store waits for the run (after prepare)
+    if store_exists(uri):
+        with contextlib.suppress(Exception):  # housekeeping must never block a run
+            _mark_orphaned_runs(uri)
     return prefect_api.wait
 
 
@@ -288,6 +290,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         wait_for_prefect = _before_flow()
         from flows.pipeline import train_pipeline
 
+        _no_traceback_for_bad_input()
+
         wait_for_prefect()
         result = train_pipeline(request)
         result["timings"] = {
@@ -335,6 +339,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         wait_for_prefect = _before_flow()
         from flows.pipeline import _markdown_table, compare_architectures
 
+        _no_traceback_for_bad_input()
+
         wait_for_prefect()
         result = compare_architectures(request)
         if args.json:
@@ -353,6 +359,7 @@ def _run_or_flow(args: argparse.Namespace, name: str, request: Any, model: Any) 
     if not _want_flow(args):
         return getattr(predict, name)(request, model=model)
     prefect_api.wait()
+    _no_traceback_for_bad_input()
     return getattr(predict, predict.FLOWS[name])(request)
 
 
@@ -504,14 +511,39 @@ def _say(line: str) -> None:
     _FINAL.append(line)
 
 
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a command answers with one line and exit code 2 (bad input)."""
+    from tasks.mlflow_utils import TrackingUnavailableError
+
+    return (ValueError, FileNotFoundError, KeyError, TrackingUnavailableError,
+            prefect_api.ApiUnavailableError)  # fmt: skip
+
+
+class _BadInputWithoutTraceback(logging.Filter):
+    """Prefect logs a failed flow's exception with its traceback. For bad input found inside
+    the flow (unreadable images met by prepare, ...) the command's last line says everything,
+    so the record keeps its one-line message and drops the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], _bad_input_errors()):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _no_traceback_for_bad_input() -> None:
+    """Install `_BadInputWithoutTraceback` on Prefect's flow-run logger (after Prefect has set
+    up its logging; once)."""
+    logger = logging.getLogger("prefect.flow_runs")
+    if not any(isinstance(f, _BadInputWithoutTraceback) for f in logger.filters):
+        logger.addFilter(_BadInputWithoutTraceback())
+
+
 def _run(args: argparse.Namespace) -> int:
     from tasks.launch import JobCancelledError, TrainingJobError
-    from tasks.mlflow_utils import TrackingUnavailableError
 
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError, TrackingUnavailableError,
-            prefect_api.ApiUnavailableError) as exc:  # fmt: skip
+    except _bad_input_errors() as exc:
         # Bad input: one clear line, non-zero exit, no traceback.
         _say(f"cnnpipe {args.command}: error: {_one_line(exc)}")
         return 2

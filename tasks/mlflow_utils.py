@@ -44,6 +44,12 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
+def store_exists(uri: str) -> bool:
+    """False only for a local SQLite store whose file is not there yet (servers: True)."""
+    path = _sqlite_path(uri)
+    return path is None or path.exists()
+
+
 @contextlib.contextmanager
 def store_lock(uri: str) -> Iterator[None]:
     """An exclusive cross-process lock for a local SQLite store (no-op for servers)."""
@@ -80,17 +86,25 @@ def check_reachable(uri: str | None = None, timeout: float = 5.0) -> str:
     return uri
 
 
-def check_tracking(uri: str | None = None, timeout: float = 5.0, create: bool = True) -> str:
+def check_tracking(
+    uri: str | None = None, timeout: float = 5.0, create: bool = True, defer_new: bool = False
+) -> str:
     """Make sure the tracking store answers (and, for SQLite, has its schema) and make it the
     process default. With `create=False` (read-only commands) a missing local store is an error
-    rather than a new empty database."""
+    rather than a new empty database; with `defer_new` it is left to be created by a later call
+    (when the run starts), so a run that fails before it (bad images) leaves no store behind."""
     uri = check_reachable(uri, timeout)
     path = _sqlite_path(uri)
-    if not create and path is not None and not path.exists():
-        raise TrackingUnavailableError(
-            f"no MLflow store at {path} (nothing was trained or registered here yet); run "
-            "`cnnpipe train` in this folder first, or set MLFLOW_TRACKING_URI"
-        )
+    if path is not None and not path.exists():
+        if not create:
+            raise TrackingUnavailableError(
+                f"no MLflow store at {path} (nothing was trained or registered here yet); run "
+                "`cnnpipe train` in this folder first, or set MLFLOW_TRACKING_URI"
+            )
+        if defer_new:
+            from tasks.plan import check_tracking_destination
+
+            return check_tracking_destination(uri)  # its folder is there and writable
     import mlflow
     from mlflow.exceptions import MlflowException
 

@@ -36,7 +36,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from cnn.config import RECIPES_DIR, TrainConfig, find_recipe, how_to_set, resolve_config
-from cnn.folders import find_folder_root
+from cnn.folders import find_folder_root, visible_entries
 from tasks.launch import LaunchSpec
 from tasks.request import CompareRequest, TrainRequest
 
@@ -228,10 +228,10 @@ def count_imagefolder(data_dir: str | Path) -> FolderCounts:
         if not sdir.is_dir():
             continue
         per_class = {}
-        for entry in sorted(os.scandir(sdir), key=lambda e: e.name):
+        for entry in visible_entries(sdir):
             if entry.is_dir():
                 per_class[entry.name] = sum(
-                    1 for f in os.scandir(entry.path) if f.name.lower().endswith(exts)
+                    1 for f in visible_entries(entry.path) if f.name.lower().endswith(exts)
                 )
         if split == "train":
             classes = sorted(per_class)

@@ -243,3 +243,25 @@ def test_official_specs_come_from_torchvision() -> None:
     assert get_source("cifar10").files[0].md5 == tvd.CIFAR10.tgz_md5
     assert get_source("FashionMNIST").name == "fashion-mnist"
     assert [f.filename for f in get_source("mnist").files] == [r[0] for r in tvd.MNIST.resources]
+
+
+def test_image_folder_scans_leave_hidden_entries_out(tmp_path: Path) -> None:
+    """`.ipynb_checkpoints/` is not a class and `._x.png` (macOS) or `.DS_Store` not an image,
+    in the plan's torch-free count and in the data layer's scan alike."""
+    from flows_helpers import tiny_dataset
+
+    from cnn.data.sources import scan_imagefolder
+    from tasks.plan import count_imagefolder
+
+    data = tiny_dataset(tmp_path / "data", n_train=4, n_val=2)
+    clean = scan_imagefolder(data)
+    for split in ("train", "val"):
+        (data / split / ".ipynb_checkpoints").mkdir()
+        (data / split / ".DS_Store").write_bytes(b"\0\1")
+        for cls in clean.classes:
+            (data / split / cls / "._0000.png").write_bytes(b"\0\5\x16\x07")
+    scan = scan_imagefolder(data)
+    assert scan.classes == clean.classes and scan.files == clean.files
+    counts = count_imagefolder(data)
+    assert sorted(counts.counts["train"]) == clean.classes
+    assert sum(counts.counts["train"].values()) == len(clean.files["train"])

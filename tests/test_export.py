@@ -175,6 +175,11 @@ def test_load_image_and_paths(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="notes.jpg is not a readable image"):
         load_image(tmp_path / "notes.jpg")
     assert [p.name for p in expand_image_paths([tmp_path])] == ["gray.bmp", "notes.jpg", "red.png"]
+    # Hidden files and folders are not the user's images (macOS resource forks, Jupyter).
+    (tmp_path / "._red.png").write_bytes(b"\0\5\x16\x07")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / ".ipynb_checkpoints" / "red-checkpoint.png")
+    assert [p.name for p in expand_image_paths([tmp_path])] == ["gray.bmp", "notes.jpg", "red.png"]
     with pytest.raises(FileNotFoundError, match="missing.png"):
         expand_image_paths([tmp_path / "missing.png"])
 

@@ -255,3 +255,29 @@ def test_prefect_api_url_that_is_not_a_url(
     monkeypatch.setenv("PREFECT_API_URL", "localhost4200")
     err = _fails(TRAIN, capsys, workdir)
     assert "PREFECT_API_URL='localhost4200' is not a URL" in err and "http://" in err
+
+
+def test_unreadable_image_met_inside_the_flow(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Bad images are found by prepare, inside the flow: still exit 2, the last line names
+    the file and the fix, no traceback (Prefect's flow-failure log loses it), and nothing of
+    the run is written: no MLflow store (it is created with the run, after prepare), no cache,
+    no run folder. A real `cnnpipe` process on the embedded Prefect API."""
+    from flows_helpers import cli_env
+
+    tiny_dataset(tmp_path / "data", n_train=4, n_val=2)
+    bad = tmp_path / "data" / "train" / "ants" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0" + b"garbage" * 10)
+    before = _snapshot(tmp_path)
+    env = cli_env(tmp_path_factory.getbasetemp() / "prefect-home")
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *TRAIN, "--epochs", "1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("cnnpipe train: error: 1 unreadable image(s)"), last
+    assert "broken.jpg" in last and "--skip-bad-images" in last
+    assert "Traceback" not in proc.stderr
+    assert _snapshot(tmp_path) == before

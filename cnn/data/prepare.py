@@ -664,8 +664,8 @@ def _report_bad(bad: list[tuple[Path | str, str]], root: Path, skip_bad: bool) -
         listing = "\n".join(f"  {p}: {msg}" for p, msg in bad[:50])
         more = f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
         raise ValueError(
-            f"{len(bad)} unreadable image(s) in {root}:\n{listing}{more}\n"
-            "fix or remove them, or pass skip_bad_images=True (--skip-bad-images) to skip them"
+            f"{len(bad)} unreadable image(s) in {root} (fix or remove them, or pass "
+            f"skip_bad_images=True (--skip-bad-images) to skip them):\n{listing}{more}"
         )
     if bad:
         log.warning("skipped %d unreadable image(s) in %s", len(bad), root)

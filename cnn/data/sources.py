@@ -32,7 +32,7 @@ import torchvision.datasets as tvd
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..atomic import atomic_write
-from ..folders import find_folder_root
+from ..folders import find_folder_root, visible_entries
 
 log = logging.getLogger(__name__)
 
@@ -405,7 +405,7 @@ def scan_imagefolder(data_dir: str | Path) -> FolderScan:
     """
     root = find_folder_root(data_dir)
     h = hashlib.sha256()
-    classes = sorted(e.name for e in os.scandir(root / "train") if e.is_dir())
+    classes = [e.name for e in visible_entries(root / "train") if e.is_dir()]
     if not classes:
         raise ValueError(f"{root / 'train'} has no class folders; expected train/<class>/<image>")
     files: dict[str, list[tuple[str, int]]] = {}
@@ -413,7 +413,7 @@ def scan_imagefolder(data_dir: str | Path) -> FolderScan:
         sdir = root / split
         if not sdir.is_dir():
             continue
-        split_classes = sorted(e.name for e in os.scandir(sdir) if e.is_dir())
+        split_classes = [e.name for e in visible_entries(sdir) if e.is_dir()]
         if split_classes != classes:
             missing = sorted(set(classes) - set(split_classes))
             extra = sorted(set(split_classes) - set(classes))
@@ -423,10 +423,8 @@ def scan_imagefolder(data_dir: str | Path) -> FolderScan:
             )
         items = []
         for label, cls in enumerate(classes):
-            entries = sorted(
-                (e for e in os.scandir(sdir / cls) if e.is_file()), key=lambda e: e.name
-            )
-            images = [e for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS)]
+            images = [e for e in visible_entries(sdir / cls)
+                      if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]  # fmt: skip
             if not images:
                 raise ValueError(
                     f"class folder {sdir / cls} has no images (extensions: "
