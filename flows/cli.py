@@ -135,10 +135,16 @@ def _shutdown_prefect(timeout: float) -> None:
         thread.join(max(deadline - time.monotonic(), 0.5))
 
 
+# Ctrl-C; `kill`, a scheduler or a process worker cancelling the run; the terminal closing.
+_STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
 def _install_signal_handlers() -> None:
-    """SIGINT and SIGTERM (Ctrl-C, `kill`, a scheduler, a process worker cancelling the run)
-    stop every training job of this process and forbid new ones before the exception unwinds
-    the flow (which marks the MLflow run KILLED); the exit is bounded by a watchdog."""
+    """`_STOP_SIGNALS` stop every training job of this process and forbid new ones before the
+    exception unwinds the flow (which marks the MLflow run KILLED); the exit is bounded by a
+    watchdog."""
     from tasks.launch import kill_all_jobs
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -151,8 +157,8 @@ def _install_signal_handlers() -> None:
         raise SystemExit(128 + signum)
 
     with contextlib.suppress(ValueError):  # not in the main thread (tests): leave them
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, on_signal)
 
 
 def _mark_orphaned_runs(uri: str) -> int:
@@ -557,7 +563,7 @@ def _run(args: argparse.Namespace) -> int:
               "KILLED")  # fmt: skip
         return 130
     except SystemExit as exc:
-        if exc.code in (128 + signal.SIGTERM, 128 + signal.SIGINT):
+        if exc.code in tuple(128 + s for s in _STOP_SIGNALS):
             _say(f"cnnpipe {args.command}: terminated (signal {exc.code - 128}); training "
                   "jobs stopped, MLflow run marked KILLED")  # fmt: skip
             return int(exc.code)

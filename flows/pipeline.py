@@ -9,6 +9,7 @@ so `cnnpipe train --json` can report where the pipeline's own overhead goes.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
@@ -57,7 +58,11 @@ def _failure_reason(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted (SIGINT)"
     if isinstance(exc, SystemExit) or type(exc).__name__ == "TerminationSignal":
-        return f"terminated ({type(exc).__name__} {getattr(exc, 'code', '') or ''})".strip()
+        code = getattr(exc, "code", None)
+        if isinstance(code, int) and code > 128:  # the CLI's signal handler: 128 + signal
+            with suppress(ValueError):
+                return f"terminated ({signal.Signals(code - 128).name})"
+        return f"terminated ({type(exc).__name__} {code or ''})".strip()
     text = " ".join(str(exc).split())[:500]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 

@@ -113,6 +113,24 @@ def test_ctrl_c_to_the_process_group_stops_everything(setup: tuple[Path, dict, s
     assert run.info.status == "KILLED" and "SIGINT" in run.data.tags["failure_reason"]
 
 
+def test_sighup_closing_the_terminal_stops_everything(setup: tuple[Path, dict, str]) -> None:
+    """A closed terminal (SIGHUP to cnnpipe) is a stop like SIGTERM: jobs stopped, the run
+    marked KILLED with the signal's name, exit 128 + 1."""
+    work, env, uri = setup
+    cli = Cli(["train", "--model", "lenet5", *LONG], work, env)
+    cli.wait_for("cnn.train: lenet5")
+    tree = process_tree(cli.proc.pid)
+    cli.proc.send_signal(signal.SIGHUP)
+    code, seconds = cli.wait(timeout=30)
+    assert code == 128 + signal.SIGHUP, "\n".join(cli.lines[-20:])
+    assert seconds < STOP_BOUND_S
+    assert cli.last.startswith("cnnpipe train: terminated (signal 1)"), cli.last
+    assert not any("Traceback" in ln for ln in cli.lines)
+    assert _left_running(tree, timeout=10) == []
+    (run,) = _runs(uri)
+    assert run.info.status == "KILLED" and run.data.tags["failure_reason"] == "terminated (SIGHUP)"
+
+
 def test_sigterm_to_compare_starts_no_further_model(setup: tuple[Path, dict, str]) -> None:
     work, env, uri = setup
     cli = Cli(["compare", "--models", "lenet5,alexnet_cifar", "--max-concurrent", "1", *LONG],
