@@ -544,6 +544,10 @@ def _no_traceback_for_bad_input() -> None:
         logger.addFilter(_BadInputWithoutTraceback())
 
 
+# What a stopped command did (a stop during prepare has no job and no MLflow run yet).
+_STOPPED = "training jobs stopped, the MLflow run (if one was started) marked KILLED"
+
+
 def _run(args: argparse.Namespace) -> int:
     from tasks.launch import JobCancelledError, TrainingJobError
 
@@ -559,20 +563,17 @@ def _run(args: argparse.Namespace) -> int:
         _say(f"cnnpipe {args.command}: error: {_one_line(exc)}")
         return 1
     except (KeyboardInterrupt, JobCancelledError):
-        _say(f"cnnpipe {args.command}: interrupted; training jobs stopped, MLflow run marked "
-              "KILLED")  # fmt: skip
+        _say(f"cnnpipe {args.command}: interrupted; {_STOPPED}")
         return 130
     except SystemExit as exc:
         if exc.code in tuple(128 + s for s in _STOP_SIGNALS):
-            _say(f"cnnpipe {args.command}: terminated (signal {exc.code - 128}); training "
-                  "jobs stopped, MLflow run marked KILLED")  # fmt: skip
+            _say(f"cnnpipe {args.command}: terminated (signal {exc.code - 128}); {_STOPPED}")
             return int(exc.code)
         raise
     except BaseException as exc:
         # Prefect's TerminationSignal (SIGTERM during a flow) and the like.
         if type(exc).__name__ == "TerminationSignal":
-            _say(f"cnnpipe {args.command}: terminated; training jobs stopped, MLflow run "
-                  "marked KILLED")  # fmt: skip
+            _say(f"cnnpipe {args.command}: terminated; {_STOPPED}")
             return 143
         raise
 
