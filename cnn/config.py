@@ -384,8 +384,13 @@ class TrainConfig:
                 f"image_cap must be an integer >= 8 (pixels), got {d.image_cap}; it caps the "
                 "shorter side of images in the shard store (data.image_cap, default 288)"
             )
+        if not 0.0 < d.val_fraction < 1.0:  # as cnn.data.prepare_dataset requires
+            raise ValueError(
+                f"data.val_fraction={d.val_fraction} must be in (0, 1): the fraction of train/ "
+                f"held out for validation when there is no val/ folder, e.g. 0.1; "
+                f"{how_to_set('data.val_fraction')}"
+            )
         for name, value, lo, hi in (
-            ("data.val_fraction", d.val_fraction, 0.0, 1.0),
             ("optim.label_smoothing", o.label_smoothing, 0.0, 1.0),
             ("optim.momentum", o.momentum, 0.0, 1.0),
             ("optim.ema_decay", o.ema_decay, 0.0, 1.0),

@@ -202,18 +202,21 @@ class FolderCounts:
     classes: list[str]
     counts: dict[str, dict[str, int]]  # split -> class -> images
 
+    def val_size(self, val_fraction: float) -> int:
+        """Validation images: val/'s, or the seeded per-class hold-out of train/ (as
+        `cnn.data.prepare` does it: a class of 1 image keeps it for training)."""
+        if "val" in self.counts:
+            return sum(self.counts["val"].values())
+        total = 0
+        for n in self.counts["train"].values():
+            n_val = round(n * val_fraction)
+            total += max(1, min(n_val, n - 1)) if n >= 2 else n_val
+        return total
+
     def train_size(self, val_fraction: float) -> int:
         """Training images after the seeded per-class hold-out (as cnn.data does it)."""
-        train = self.counts["train"]
-        if "val" in self.counts:
-            return sum(train.values())
-        total = 0
-        for n in train.values():
-            n_val = round(n * val_fraction)
-            if n >= 2:
-                n_val = max(1, min(n_val, n - 1))
-            total += n - n_val
-        return total
+        train = sum(self.counts["train"].values())
+        return train if "val" in self.counts else train - self.val_size(val_fraction)
 
 
 def count_imagefolder(data_dir: str | Path) -> FolderCounts:
@@ -577,6 +580,12 @@ def plan_training(
             else f" after holding out {cfg.data.val_fraction:g} for val"
         )
         _check_batch(cfg, folder.train_size(cfg.data.val_fraction), where, world)
+        if not folder.val_size(cfg.data.val_fraction):
+            raise ValueError(
+                f"{folder.root} has no val/ folder and every class in train/ has a single image, "
+                "so no image is left to validate on; add a val/ folder (val/<class>/<image>) "
+                "or more images per class"
+            )
     else:
         check_dataset(cfg.data.dataset, cfg.source.data_dir, cfg.source.download)
         n = _TRAIN_SIZES.get(key)

@@ -281,3 +281,17 @@ def test_unreadable_image_met_inside_the_flow(
     assert "broken.jpg" in last and "--skip-bad-images" in last
     assert "Traceback" not in proc.stderr
     assert _snapshot(tmp_path) == before
+
+
+def test_no_image_left_to_validate_on(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No val/ and one image per class: the 10% hold-out takes none, so nothing would
+    validate (the run would end without a best checkpoint). Said in the plan."""
+    import shutil
+
+    data = workdir / "data"
+    shutil.rmtree(data / "val")
+    for cls in (data / "train").iterdir():
+        for extra in sorted(cls.iterdir())[1:]:
+            extra.unlink()
+    err = _fails([*TRAIN, "--batch-size", "2"], capsys, workdir)
+    assert "no val/ folder" in err and "single image" in err and "val/<class>/<image>" in err
