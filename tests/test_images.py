@@ -67,3 +67,23 @@ def test_decode_file_gives_pillows_pixels(tmp_path: Path, fmt: str) -> None:
     ref = np.asarray(Image.open(path).convert("RGB")).transpose(2, 0, 1)
     assert tuple(x.shape) == (3, 24, 40)
     assert np.abs(x.numpy().astype(int) - ref.astype(int)).mean() < 2  # same decoder family
+
+
+@pytest.mark.parametrize("fmt", ["png", "tiff"])
+def test_16_bit_grayscale_keeps_its_high_bits(tmp_path: Path, fmt: str) -> None:
+    """A 16-bit image (microscopy, medical, scanned film) decodes to its 8 high bits in the
+    data layer and in predict: not clipped to white (PIL's convert) nor refused (torchvision's
+    uint16 PNGs)."""
+    from cnn.data.images import encode_capped
+    from cnn.export import load_image
+
+    values = np.random.default_rng(0).integers(0, 65536, (12, 10), dtype=np.uint16)
+    path = tmp_path / f"deep.{fmt}"
+    Image.fromarray(values).save(path)
+    want = (values >> 8).astype(np.uint8)
+    for rgb in (decode_file(path, 64), load_image(path)):
+        assert str(rgb.dtype) == "torch.uint8" and rgb.shape == (3, 12, 10)
+        assert np.array_equal(rgb[0].numpy(), want) and np.array_equal(rgb[2].numpy(), want)
+    data, h, w = encode_capped(path, cap=64)  # the shard store's re-encoded JPEG
+    stored = np.asarray(Image.open(io.BytesIO(data)).convert("L")).astype(int)
+    assert (h, w) == (12, 10) and np.abs(stored - want).mean() < 8  # JPEG, not white

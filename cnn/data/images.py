@@ -81,6 +81,17 @@ def header_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """`img.convert("RGB")`, except that 16-bit grayscale (modes I;16*, I) keeps its 8 high
+    bits: PIL's own conversion clips every value above 255 to white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        values = np.asarray(img).astype(np.int64)
+        if values.max(initial=0) > 255:  # 16-bit data (PIL opens some 16-bit PNGs as "I")
+            values = values >> 8
+        return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), "L").convert("RGB")
+    return img.convert("RGB")
+
+
 def decode_file(
     path: str | Path, size_hint: int, max_pixels: int = MAX_IMAGE_PIXELS
 ) -> torch.Tensor:
@@ -96,6 +107,8 @@ def decode_file(
         _check_pixels(path, *size, max_pixels)
         with contextlib.suppress(RuntimeError):  # e.g. a PNG variant libpng refuses: PIL below
             x = decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), ImageReadMode.RGB)
+            if x.dtype == torch.uint16:  # a 16-bit PNG: its 8 high bits (no uint16 shift op)
+                x = (x.to(torch.int32) >> 8).to(torch.uint8)
             return x[0] if x.ndim == 4 else x
     with open_checked(path, max_pixels) as img:
         fmt = img.format
@@ -105,7 +118,7 @@ def decode_file(
             return x[0] if x.ndim == 4 else x
     with open_checked(path, max_pixels) as img:
         img.draft("RGB", (size_hint, size_hint))
-        return torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+        return torch.from_numpy(np.array(to_rgb(img), dtype=np.uint8)).permute(2, 0, 1)
 
 
 def encode_capped(
@@ -131,7 +144,7 @@ def encode_capped(
         if img.format == "JPEG":
             img.draft("RGB", (tw, th))  # DCT-scaled decode: never below the target size
         img.seek(0)
-        rgb = img.convert("RGB")
+        rgb = to_rgb(img)
         if rgb.size != (tw, th):
             rgb = rgb.resize((tw, th), Image.BILINEAR, reducing_gap=2.0)
         buf = io.BytesIO()
