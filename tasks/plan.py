@@ -315,9 +315,18 @@ def check_tracking_destination(uri: str | None = None) -> str:
     from cnn.tracking import tracking_uri
 
     uri = tracking_uri(uri)
+    if uri.startswith("sqlite:") and (
+        not uri.startswith("sqlite:///")
+        or uri.removeprefix("sqlite:///").split("?", 1)[0] in ("", ":memory:")
+    ):
+        raise ValueError(
+            f"MLflow store {uri} is an in-memory database, private to each process: the "
+            "training job could not log into the flow's run; use a file, e.g. "
+            "sqlite:///mlflow.db (MLFLOW_TRACKING_URI)"
+        )
     if uri.startswith("sqlite:///"):
         raw = uri.removeprefix("sqlite:///").split("?", 1)[0]
-        if raw and raw != ":memory:":
+        if raw:
             path = Path(raw)
             if path.is_dir():
                 raise ValueError(f"MLflow store {uri}: {path} is a directory, not a database file")

@@ -295,3 +295,14 @@ def test_no_image_left_to_validate_on(workdir: Path, capsys: pytest.CaptureFixtu
             extra.unlink()
     err = _fails([*TRAIN, "--batch-size", "2"], capsys, workdir)
     assert "no val/ folder" in err and "single image" in err and "val/<class>/<image>" in err
+
+
+@pytest.mark.parametrize("uri", ["sqlite://", "sqlite:///:memory:"])
+def test_in_memory_mlflow_store(
+    workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, uri: str
+) -> None:
+    """Each process would get its own empty database: the job could not find the flow's run
+    (it failed after training started). Refused in the plan."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    err = _fails(TRAIN, capsys, workdir)
+    assert f"MLflow store {uri} is an in-memory database" in err and "sqlite:///mlflow.db" in err
