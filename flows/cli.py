@@ -531,7 +531,9 @@ class _BadInputWithoutTraceback(logging.Filter):
     so the record keeps its one-line message and drops the traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], _bad_input_errors()):
+        exc = record.exc_info[1] if record.exc_info else None
+        # A KeyError inside a flow is more likely a bug than a bad key: it keeps its traceback.
+        if isinstance(exc, _bad_input_errors()) and not isinstance(exc, KeyError):
             record.exc_info, record.exc_text = None, None
         return True
 
