@@ -244,6 +244,29 @@ def stop() -> None:
         _SERVER.pop().stop()
 
 
+def _migrate_under_lock() -> None:
+    """Create or upgrade Prefect's database holding a lock in PREFECT_HOME. Two commands started
+    together on a new PREFECT_HOME would otherwise both run the migrations, and one server dies
+    on "duplicate column". The server's own start-up then finds nothing left to do."""
+    import asyncio
+
+    import prefect.settings
+    from prefect.server.database import provide_database_interface
+
+    if not prefect.settings.PREFECT_API_DATABASE_MIGRATE_ON_START.value():
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as Prefect itself
+        fcntl = None  # type: ignore[assignment]
+    home = _prefect_home()
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".cnnpipe-migrate.lock", "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        asyncio.run(provide_database_interface().create_db())
+
+
 def _serve_when_told(uvicorn_args: list[str]) -> None:
     """The server process: import Prefect's server now, serve once the parent says so. An
     end of input instead (the plan failed, or the parent died) ends it having written nothing."""
@@ -251,6 +274,7 @@ def _serve_when_told(uvicorn_args: list[str]) -> None:
     from uvicorn.main import main as uvicorn_main
 
     if sys.stdin.readline().strip() == "serve":
+        _migrate_under_lock()
         uvicorn_main(uvicorn_args)
 
 

@@ -185,3 +185,19 @@ def test_cli_server_that_cannot_start_is_one_line_and_exit_1(tmp_path: Path) -> 
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("cnnpipe train: error: Prefect's embedded API server exited"), last
     assert not (tmp_path / "runs").exists()  # no training job started
+
+
+def test_servers_started_together_on_a_new_home_all_come_up(tmp_path: Path) -> None:
+    """Three commands at once on a new PREFECT_HOME: one server migrates the new database, the
+    others wait for it (a lock in PREFECT_HOME) instead of failing on "duplicate column"."""
+    home = tmp_path / "prefect-home"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", SCRIPT], env=cli_env(home), cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+        report = json.loads(out.strip().splitlines()[-1])
+        assert report.get("health") == "true", report.get("error") or err[-3000:]
