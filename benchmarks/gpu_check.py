@@ -440,6 +440,9 @@ def ddp_worker(out: Path, device_kind: str, steps: int, batch: int, allreduce_mb
                 }
             )
         )
+    # The DDP wrapper goes before the process group, as in the engine: a DDP reducer outliving
+    # its group can hang or abort the process at exit (seen once here as a torchrun timeout).
+    del ddp
     dist.barrier()
     dist.destroy_process_group()
 
