@@ -192,8 +192,14 @@ def test_servers_started_together_on_a_new_home_all_come_up(tmp_path: Path) -> N
     others wait for it (a lock in PREFECT_HOME) instead of failing on "duplicate column"."""
     home = tmp_path / "prefect-home"
     procs = [
-        subprocess.Popen([sys.executable, "-c", SCRIPT], env=cli_env(home), cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, "-c", SCRIPT],
+            env=cli_env(home),
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
         for _ in range(3)
     ]
     outs = [p.communicate(timeout=300) for p in procs]
