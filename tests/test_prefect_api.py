@@ -199,7 +199,7 @@ def test_servers_started_together_on_a_new_home_all_come_up(tmp_path: Path) -> N
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for _ in range(3)
     ]
     outs = [p.communicate(timeout=300) for p in procs]
