@@ -24,6 +24,7 @@ from torchvision.transforms.v2 import functional as TF
 from cnn.atomic import atomic_write
 from cnn.data.images import decode_file
 from cnn.data.sources import IMAGE_EXTENSIONS
+from cnn.folders import is_hidden
 from cnn.models import main_logits, with_tta
 
 OUTPUTS = ("probabilities", "logits")
@@ -311,8 +312,7 @@ def expand_image_paths(items: Sequence[str | Path]) -> list[Path]:
                 q
                 for q in p.rglob("*")
                 if q.suffix.lower() in IMAGE_EXTENSIONS
-                # hidden files and folders (`._x.jpg` resource forks, .ipynb_checkpoints)
-                and not any(part.startswith(".") for part in q.relative_to(p).parts)
+                and not any(is_hidden(part) for part in q.relative_to(p).parts)
             )
             if not found:
                 raise FileNotFoundError(

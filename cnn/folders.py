@@ -7,10 +7,15 @@ import os
 from pathlib import Path
 
 
+def is_hidden(name: str) -> bool:
+    """`.ipynb_checkpoints/` (Jupyter), `.DS_Store` and macOS's `._<name>` resource forks are
+    neither classes nor images."""
+    return name.startswith(".")
+
+
 def visible_entries(folder: str | Path) -> list[os.DirEntry[str]]:
-    """`folder`'s entries sorted by name, without hidden ones: `.ipynb_checkpoints/` (Jupyter),
-    `.DS_Store` and macOS's `._<name>` resource forks are neither classes nor images."""
-    entries = (e for e in os.scandir(folder) if not e.name.startswith("."))
+    """`folder`'s entries sorted by name, without hidden ones (`is_hidden`)."""
+    entries = (e for e in os.scandir(folder) if not is_hidden(e.name))
     return sorted(entries, key=lambda e: e.name)
 
 

@@ -213,7 +213,7 @@ def train_pipeline(request: TrainRequest = TRAIN_DEFAULTS) -> dict[str, Any]:
     identity = registry.data_identity(info, cfg.source.data_dir)
     flow_run_id = _flow_run_id()
     with _stage(timings, "mlflow_run"):
-        mlflow_utils.check_tracking(uri)  # a new local store is created now, not before prepare
+        mlflow_utils.create_deferred_store(uri)  # now, not before prepare
         # A retried or rescheduled flow run keeps its id: continue its MLflow run and output
         # directory, so the job resumes from its checkpoint (refused if the config changed).
         previous = mlflow_utils.find_flow_run_run(
@@ -384,7 +384,7 @@ def compare_architectures(request: CompareRequest = COMPARE_DEFAULTS) -> dict[st
     recipe, nproc_per_node = request.recipe, request.nproc_per_node
     uri = mlflow_utils.check_tracking(request.tracking_uri, defer_new=True)
     info, _ = prepare_for(plans[0][0])
-    mlflow_utils.check_tracking(uri)  # a new local store is created now, not before prepare
+    mlflow_utils.create_deferred_store(uri)  # now, not before prepare
     slots = JobSlots.for_host(request.max_concurrent, gpus_per_job=nproc_per_node)
     first_cfg = plans[0][0]
     parent = mlflow_utils.start_run(

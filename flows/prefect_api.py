@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from tasks.common import health_problem
+from tasks.common import file_lock, health_problem
 from tasks.launch import watched_module_command
 
 # What Prefect's own ephemeral start sets (prefect/server/api/server.py, _run_uvicorn_command).
@@ -147,24 +147,18 @@ def check_configured(timeout: float = 5.0) -> None:
     """A configured Prefect server (PREFECT_API_URL, or the active profile's) answers its
     health check, so an unreachable one fails before anything runs or is written, with the
     fix, instead of Prefect's traceback when the flow starts."""
-    import urllib.error
-    import urllib.request
-
     url = os.environ.get("PREFECT_API_URL") or _profile_api_url()
     if not url or (_SERVER and url == _SERVER[0].api_url):
         return
     fix = "start that server (`prefect server start`) or unset PREFECT_API_URL for the embedded one"
-    try:
-        urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout).close()
-    except urllib.error.HTTPError:
-        pass  # a server answered (Prefect Cloud may want the API key even here): Prefect decides
-    except (urllib.error.URLError, OSError) as exc:
-        problem = str(getattr(exc, "reason", exc))
-        raise ApiUnavailableError(f"Prefect API {url} is unreachable ({problem}); {fix}") from None
+    try:  # any HTTP answer counts: Prefect Cloud may want the API key even here
+        problem = health_problem(url.rstrip("/") + "/health", timeout, any_answer=True)
     except ValueError:
         raise ApiUnavailableError(
             f"PREFECT_API_URL={url!r} is not a URL (e.g. http://127.0.0.1:4200/api); {fix}"
         ) from None
+    if problem is not None:
+        raise ApiUnavailableError(f"Prefect API {url} is unreachable ({problem}); {fix}")
 
 
 def start() -> bool:
@@ -255,15 +249,9 @@ def _migrate_under_lock() -> None:
 
     if not prefect.settings.PREFECT_API_DATABASE_MIGRATE_ON_START.value():
         return
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, as Prefect itself
-        fcntl = None  # type: ignore[assignment]
     home = _prefect_home()
     home.mkdir(parents=True, exist_ok=True)
-    with open(home / ".cnnpipe-migrate.lock", "a") as lock:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(home / ".cnnpipe-migrate.lock"):
         asyncio.run(provide_database_interface().create_db())
 
 

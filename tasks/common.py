@@ -3,10 +3,31 @@ check (stdlib only, imported lazily, so the CLI can ask before importing mlflow 
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 # Errors that retrying cannot fix even though they are OSErrors: the input itself is wrong.
 _PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive cross-process lock held on the file `path` (created if missing; POSIX
+    flock, a no-op elsewhere)."""
+    if os.name != "posix":
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def is_io_error(exc: BaseException | None) -> bool:
@@ -28,10 +49,13 @@ def retry_on_io_error(task: Any, task_run: Any, state: Any) -> bool:
     return is_io_error(exc)
 
 
-def health_problem(url: str, timeout: float = 5.0, json_body: bytes | None = None) -> str | None:
-    """None when `url` answers HTTP 200 within `timeout` seconds, else what went wrong (one
-    request, no retries: callers decide whether to wait or to fail with their own fix). A GET,
-    or a POST of `json_body` when given."""
+def health_problem(
+    url: str, timeout: float = 5.0, json_body: bytes | None = None, any_answer: bool = False
+) -> str | None:
+    """None when `url` answers HTTP 200 within `timeout` seconds (with `any_answer`, any HTTP
+    status: the server is there), else what went wrong (one request, no retries: callers
+    decide whether to wait or to fail with their own fix). A GET, or a POST of `json_body` when
+    given. A malformed URL raises ValueError."""
     import urllib.error
     import urllib.request
 
@@ -40,5 +64,7 @@ def health_problem(url: str, timeout: float = 5.0, json_body: bytes | None = Non
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             return None if resp.status == 200 else f"HTTP {resp.status}"
+    except urllib.error.HTTPError as exc:
+        return None if any_answer else str(exc.reason)
     except (urllib.error.URLError, OSError) as exc:
         return str(getattr(exc, "reason", exc))

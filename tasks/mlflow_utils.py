@@ -50,22 +50,25 @@ def store_exists(uri: str) -> bool:
     return path is None or path.exists()
 
 
+def create_deferred_store(uri: str) -> None:
+    """Create the new local store that `check_tracking(defer_new=True)` left for the run (a
+    no-op when the store exists: that call checked it already)."""
+    if not store_exists(uri):
+        check_tracking(uri)
+
+
 @contextlib.contextmanager
 def store_lock(uri: str) -> Iterator[None]:
     """An exclusive cross-process lock for a local SQLite store (no-op for servers)."""
+    from tasks.common import file_lock
+
     path = _sqlite_path(uri)
-    if path is None or os.name != "posix":
+    if path is None:
         yield
         return
-    import fcntl
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with file_lock(path.with_name(path.name + ".lock")):
+        yield
 
 
 def check_reachable(uri: str | None = None, timeout: float = 5.0) -> str:

@@ -315,28 +315,25 @@ def check_tracking_destination(uri: str | None = None) -> str:
     from cnn.tracking import tracking_uri
 
     uri = tracking_uri(uri)
-    if uri.startswith("sqlite:") and (
-        not uri.startswith("sqlite:///")
-        or uri.removeprefix("sqlite:///").split("?", 1)[0] in ("", ":memory:")
-    ):
+    if not uri.startswith("sqlite:"):
+        return uri
+    raw = uri.removeprefix("sqlite:///").split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+    if raw in ("", ":memory:"):
         raise ValueError(
             f"MLflow store {uri} is an in-memory database, private to each process: the "
             "training job could not log into the flow's run; use a file, e.g. "
             "sqlite:///mlflow.db (MLFLOW_TRACKING_URI)"
         )
-    if uri.startswith("sqlite:///"):
-        raw = uri.removeprefix("sqlite:///").split("?", 1)[0]
-        if raw:
-            path = Path(raw)
-            if path.is_dir():
-                raise ValueError(f"MLflow store {uri}: {path} is a directory, not a database file")
-            if not path.parent.is_dir():
-                raise ValueError(
-                    f"MLflow store {uri}: folder {path.parent} does not exist; fix the URI "
-                    f"(MLFLOW_TRACKING_URI) or create the folder first (mkdir -p {path.parent})"
-                )
-            if not os.access(path.parent, os.W_OK):
-                raise ValueError(f"MLflow store {uri}: folder {path.parent} is not writable")
+    path = Path(raw)
+    if path.is_dir():
+        raise ValueError(f"MLflow store {uri}: {path} is a directory, not a database file")
+    if not path.parent.is_dir():
+        raise ValueError(
+            f"MLflow store {uri}: folder {path.parent} does not exist; fix the URI "
+            f"(MLFLOW_TRACKING_URI) or create the folder first (mkdir -p {path.parent})"
+        )
+    if not os.access(path.parent, os.W_OK):
+        raise ValueError(f"MLflow store {uri}: folder {path.parent} is not writable")
     return uri
 
 
