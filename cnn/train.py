@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import numpy as np
 import torch
@@ -819,5 +820,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_without_teardown(code: int) -> NoReturn:
+    """End a finished worker process at once: run the atexit hooks (logging, MLflow), join
+    non-daemon threads, flush, then `os._exit`. The interpreter's own teardown (freeing every
+    module of torch, torchvision, MLflow one object at a time) measured 2.2 s per rank on the
+    2-core dev VM, after the job's results were already written. Only for a normal return: an
+    exception still leaves through `sys.exit`, with its traceback and torchrun's error file."""
+    import atexit
+
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # what sys.exit would run; private but stable since Python 2
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())

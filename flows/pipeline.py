@@ -28,6 +28,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from cnn.atomic import atomic_write
 from tasks import gpu_limit, job_run, mlflow_utils, plots, registry
+from tasks.common import imports_in_background
 from tasks.evaluate import artifact_key, evaluate_run
 from tasks.launch import JobSlots, LaunchSpec, kill_all_jobs, process_tags
 from tasks.plan import plan_comparison, plan_training
@@ -181,6 +182,17 @@ def _record_run(
         )
 
 
+# What evaluation and registration import that planning and launching a job did not: loaded
+# while the job runs (tasks.common.imports_in_background).
+AFTER_TRAINING_IMPORTS = (
+    "torchvision",
+    "cnn.export",
+    "torch.export._trace",  # what torch.export.export imports on its first call (~0.7 s)
+    "mlflow.pyfunc",
+    "git",
+)
+
+
 def _train_task(request: TrainRequest | CompareRequest) -> Any:
     """The training task with the request's retries and timeout."""
     return train_model.with_options(
@@ -274,6 +286,7 @@ def train_pipeline(request: TrainRequest = TRAIN_DEFAULTS) -> dict[str, Any]:
             _stage(timings, "train"),
             gpu_limit.host_gpus(_gpus_used(cfg, launch)),
             _training_log(Path(cfg.run.output_dir), flow_run_id),
+            imports_in_background(AFTER_TRAINING_IMPORTS),
         ):
             train_out = _train_task(request)(cfg, launch)
         timings["train_job"] = round(train_out["job_seconds"], 3)

@@ -7,17 +7,26 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import INPUTS, CacheKeyFnPolicy
 
-from cnn.data import PreparedInfo
-from cnn.data import prepare_dataset as _prepare_dataset
 from cnn.data.images import MAX_IMAGE_PIXELS
+from cnn.data.info import FORMAT_VERSION, PreparedInfo
 from cnn.data.shards import store_exists
 from tasks.common import retry_on_io_error
 
+# Bump when what the task returns changes shape or module, so that Prefect's stored results of
+# older code miss (prepare then finds its tensor cache and answers within a second). 2: the
+# result is `cnn.data.info.PreparedInfo` (unpickling the old one imported torchvision).
+_RESULT_VERSION = 2
+
 
 def _source_fingerprint(context: Any, parameters: dict[str, Any]) -> str:
-    """Part of the cache key for image folders: the mtimes of the split and class folders.
-    Adding, removing or renaming images changes their folder's mtime, so Prefect's cache misses
-    and prepare's own content hash decides. (Downloaded datasets are fixed by their checksums.)"""
+    """Part of the cache key: the cache format and result versions, and for image folders the
+    mtimes of the split and class folders. Adding, removing or renaming images changes their
+    folder's mtime, so Prefect's cache misses and prepare's own content hash decides.
+    (Downloaded datasets are fixed by their checksums.)"""
+    return f"format{FORMAT_VERSION}.result{_RESULT_VERSION}:{_folder_mtimes(parameters)}"
+
+
+def _folder_mtimes(parameters: dict[str, Any]) -> str:
     if str(parameters.get("dataset", "")).lower() != "imagefolder":
         return "fixed-source"
     from cnn.folders import find_folder_root
@@ -54,7 +63,9 @@ def prepare_dataset(
 ) -> PreparedInfo:
     """Decode once into <cache_dir>/<dataset>-<key>/ (tensor cache or shard store); cached by
     its inputs, retried on I/O."""
-    return _prepare_dataset(
+    from cnn.data.prepare import prepare_dataset as prepare  # torchvision: only on a cache miss
+
+    return prepare(
         dataset,
         data_dir=data_dir,
         cache_dir=cache_dir,

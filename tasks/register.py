@@ -10,8 +10,6 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.events import emit_event
 
-from cnn.data import split_arrays
-from cnn.export import from_checkpoint
 from tasks import mlflow_utils, registry
 from tasks.common import retry_on_io_error
 
@@ -65,6 +63,9 @@ def register_version(
     if it was evaluated on the same data as the current one and beats it (`tasks.registry`).
     Idempotent: a retry reuses this run's model and version. Emits `cnnpipe.champion.moved`
     when the alias moves, so a Prefect automation can deploy or notify."""
+    from cnn.data import split_arrays
+    from cnn.export import from_checkpoint  # torchvision: imported while the job ran (pipeline)
+
     logger = get_run_logger()
     model = from_checkpoint(Path(output_dir) / "checkpoints" / "best.pt")
     images, _ = split_arrays(prepared_path, "test")

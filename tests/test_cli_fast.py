@@ -96,3 +96,60 @@ def test_models_lists_what_the_registry_has(capsys: pytest.CaptureFixture[str]) 
     assert main(["models", "lenet*"]) == 0
     out = capsys.readouterr().out
     assert "lenet5" in out and "62,006" in out and out.strip().endswith("1 models")
+
+
+# The pipeline's own process up to the job's launch: the flow module and its tasks imported, a
+# lenet5 request planned, Prefect's stored prepare result unpickled, the store checked, the
+# model built. None of it may import torchvision (~1.6 s with torch._dynamo), which loads in
+# the background while the job runs (flows.pipeline.AFTER_TRAINING_IMPORTS).
+_LAUNCH_PROBE = """
+import json, pickle, sys
+import flows.pipeline
+from cnn.data.shards import store_exists
+from cnn.models import get_model
+from tasks.plan import plan_training
+from tasks.request import TrainRequest
+
+plan_training(TrainRequest(model="lenet5", dataset="imagefolder", data_dir=sys.argv[1],
+                           batch_size=4))
+with open(sys.argv[2], "rb") as f:
+    info = pickle.load(f)
+store_exists(info.path)
+get_model("lenet5", num_classes=info.num_classes)
+before = "torchvision" in sys.modules
+get_model("resnet18", num_classes=3)  # a zoo name registers the zoo on first need
+print(json.dumps({"before": before, "after": "torchvision" in sys.modules,
+                  "type": type(info).__module__ + "." + type(info).__qualname__}))
+"""
+
+
+def test_the_pipeline_reaches_the_job_without_torchvision(tmp_path: Path) -> None:
+    import cloudpickle
+
+    from cnn.data import PreparedInfo
+
+    data = tiny_dataset(tmp_path / "data", n_train=4, n_val=2)
+    info = PreparedInfo(path=tmp_path / "cache", dataset="imagefolder", classes=["a", "b", "c"],
+                        num_classes=3, in_channels=3, resolution=32, splits={"train": 12},
+                        test_is_val=True, mean=(0.5,) * 3, std=(0.2,) * 3, source_hash="x",
+                        cache_hit=False, seconds=0.0)  # fmt: skip
+    blob = tmp_path / "result.pickle"
+    blob.write_bytes(cloudpickle.dumps(info))  # as Prefect's pickle serializer stores it
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _LAUNCH_PROBE, str(data), str(blob)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == {"before": False, "after": True, "type": "cnn.data.info.PreparedInfo"}
+
+
+def test_cnn_data_names_load_on_first_use() -> None:
+    import cnn.data
+
+    assert sorted(cnn.data.__all__) == sorted(cnn.data._MODULE_OF)
+    for name in cnn.data.__all__:
+        assert getattr(cnn.data, name) is not None
+    with pytest.raises(AttributeError, match="no_such_name"):
+        cnn.data.no_such_name  # noqa: B018

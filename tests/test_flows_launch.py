@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from flows_helpers import alive, cmdline
 
-from tasks.common import is_io_error
+from tasks.common import imports_in_background, is_io_error
 from tasks.launch import (
     JobSlots,
     LaunchSpec,
@@ -201,3 +201,23 @@ def test_job_slots_cap_concurrency_and_never_share_a_gpu() -> None:
         assert gpus == []
     with pytest.raises(ValueError, match="max_concurrent=0"):
         JobSlots(0)
+
+
+def test_imports_in_background_load_during_the_block_and_skip_failures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pipeline loads what evaluation and registration need while the job runs: in a
+    thread, done when the block ends; a module that fails to import is left to its user."""
+    (tmp_path / "slow_mod.py").write_text(
+        "import threading, time\ntime.sleep(0.3)\nTHREAD = threading.current_thread().name\n"
+    )
+    (tmp_path / "broken_mod.py").write_text("raise RuntimeError('broken')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("slow_mod", "broken_mod"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    t0 = time.perf_counter()
+    with imports_in_background(["broken_mod", "slow_mod"]):
+        entered = time.perf_counter() - t0
+    assert entered < 0.25  # the block did not wait for the imports
+    assert sys.modules["slow_mod"].THREAD == "imports-in-background"
+    assert "broken_mod" not in sys.modules

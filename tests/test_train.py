@@ -319,3 +319,24 @@ def test_data_dependent_errors(
     with pytest.raises(ValueError, match=match):
         train(tiny_config(tiny_data, tmp_path / "bad", **changes))
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_a_finished_worker_exits_without_teardown_but_runs_its_exit_hooks(tmp_path: Path) -> None:
+    """`python -m cnn.train` ends through `exit_without_teardown`: the exit code it is given,
+    atexit hooks run (logging, MLflow flushes), non-daemon threads joined, output flushed."""
+    script = (
+        "import atexit, sys, threading, time\n"
+        "from cnn.train import exit_without_teardown\n"
+        "atexit.register(lambda: print('hook ran'))\n"
+        "threading.Thread(target=lambda: (time.sleep(0.3), print('thread done'))).start()\n"
+        "print('buffered', end='')\n"
+        "sys.stderr.write('err buffered')\n"
+        "exit_without_teardown(3)\n"
+        "print('not reached')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 3
+    assert proc.stdout == "bufferedthread done\nhook ran\n"
+    assert proc.stderr.endswith("err buffered")

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image
 
 # Pillow's own decompression-bomb limit (about 89 M pixels, a 9459x9459 image).
 MAX_IMAGE_PIXELS = 89_478_485
@@ -101,6 +100,8 @@ def decode_file(
     JPEGs with identical pixels; PIL covers the other formats (BMP, TIFF, PPM, ...), decoding
     JPEGs at a reduced DCT scale when ``size_hint`` allows.
     """
+    from torchvision.io import ImageReadMode, decode_image  # here: see cnn.data's docstring
+
     raw = Path(path).read_bytes()
     size = header_size(raw)
     if size is not None:  # JPEG/PNG: checked from the bytes, decoded by torchvision

@@ -171,12 +171,20 @@ def register_model(
     return wrapper
 
 
+def _register_zoo() -> None:
+    """Register torchvision's classification zoo, on first need. Importing torchvision (its
+    `ops` import torch._dynamo) costs ~1.6 s, which a LeNet or ResNet-9 job, the plan of one and
+    the launcher around it need not pay before the job starts."""
+    from . import zoo  # noqa: F401  (registers)
+
+
 def _entry(name: str) -> _Entry:
     """Look a name up, or raise a ValueError that lists the closest registered names."""
-    try:
+    with contextlib.suppress(KeyError, TypeError):
         return _REGISTRY[name]
-    except (KeyError, TypeError):
-        pass
+    _register_zoo()
+    with contextlib.suppress(KeyError, TypeError):
+        return _REGISTRY[name]
     names = sorted(_REGISTRY)
     close = difflib.get_close_matches(str(name), names, n=5, cutoff=0.5)
     hint = f"closest names: {', '.join(close)}" if close else "no close names"
@@ -188,6 +196,7 @@ def _entry(name: str) -> _Entry:
 
 def list_models(pattern: str | None = None) -> list[str]:
     """Sorted registered names, optionally filtered by an fnmatch pattern such as ``"resnet*"``."""
+    _register_zoo()
     names = sorted(_REGISTRY)
     if pattern is None:
         return names
