@@ -265,3 +265,22 @@ def test_image_folder_scans_leave_hidden_entries_out(tmp_path: Path) -> None:
     counts = count_imagefolder(data)
     assert sorted(counts.counts["train"]) == clean.classes
     assert sum(counts.counts["train"].values()) == len(clean.files["train"])
+
+
+def test_image_extensions_are_torchvisions_plus_gif() -> None:
+    """Written out in cnn/data/sources.py so that scanning a folder imports no torchvision."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    from cnn.data.sources import IMAGE_EXTENSIONS
+
+    assert tuple(sorted({*IMG_EXTENSIONS, ".gif"})) == IMAGE_EXTENSIONS
+
+
+def test_sources_and_readers_load_on_first_use() -> None:
+    from cnn.data import sources
+
+    assert list(sources.SOURCES) == [d for d in sources.DATASETS if d != "imagefolder"]
+    assert sources.CIFAR10Files.meta["md5"] is None  # the subclass that skips member md5s
+    assert issubclass(sources.CIFAR100Files, __import__("torchvision").datasets.CIFAR100)
+    with pytest.raises(AttributeError, match="NOPE"):
+        sources.NOPE  # noqa: B018

@@ -334,9 +334,29 @@ def test_a_finished_worker_exits_without_teardown_but_runs_its_exit_hooks(tmp_pa
         "exit_without_teardown(3)\n"
         "print('not reached')\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 3
     assert proc.stdout == "bufferedthread done\nhook ran\n"
     assert proc.stderr.endswith("err buffered")
+
+
+def test_a_lenet_worker_on_a_prepared_folder_never_imports_torchvision(
+    tiny_data: dict[str, str], tmp_path: Path
+) -> None:
+    """A LeNet job on the in-memory cache (flip augmentation and flip TTA, the recipe's) needs
+    no torchvision: its import (~1.7 s with torch._dynamo) would delay every such job's start."""
+    from cnn.data import prepare_dataset
+
+    cfg = tiny_config(tiny_data, tmp_path / "run", epochs=1, aug="flip", tta="flip")
+    prepare_dataset(cfg.data.dataset, **cfg.data_kwargs())  # the job then sees a cache hit
+    probe = (
+        "import sys\nfrom cnn.train import main\n"
+        f"main(['--config', {str(write_config(cfg))!r}])\n"
+        "print('torchvision imported:', 'torchvision' in sys.modules)\n"
+    )
+    code, out = run([sys.executable, "-c", probe], env=subprocess_env(PYTHONPATH=str(REPO)))
+    assert code == 0, out
+    assert "torchvision imported: False" in out
+    assert (tmp_path / "run" / "result.json").is_file()

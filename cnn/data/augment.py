@@ -21,7 +21,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import roi_align
 
 # "none": the eval transform for training too (no random crop/flip), e.g. to compare runs
 # bit-for-bit across world sizes.
@@ -119,6 +118,8 @@ def random_resized_crop_flip(
     adaptive sampling averages several input pixels per output pixel when shrinking, which
     acts like the antialiasing of ``transforms.v2.RandomResizedCrop``.
     """
+    from torchvision.ops import roi_align  # here: a LeNet job's loader never needs torchvision
+
     b, _, h, w = x.shape
     boxes = random_resized_crop_boxes(b, h, w, generator, scale, ratio)
     flips = torch.rand(b, generator=generator) < 0.5

@@ -16,19 +16,19 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 from .augment import STYLES, BatchAugment, random_resized_crop_boxes
 from .prepare import Prepared, PreparedInfo, load_prepared, memory_budget_bytes
 from .resolve import eval_resize_size
 from .shards import StoreSplit, chunk_window_permutation, open_store
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
 
 MODES = ("auto", "memory", "stream")
 
@@ -149,6 +149,8 @@ class MemoryLoader(_LoaderBase):
 
 def _v2_transform(aug: BatchAugment) -> v2.Transform:
     """The torchvision.transforms.v2 pipeline with the same semantics as ``aug``."""
+    from torchvision.transforms import v2
+
     size = aug.input_size
     tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(aug.mean, aug.std)]
     if not aug.train or aug.style == "none":
@@ -182,6 +184,8 @@ class _SeededBatchDataset(Dataset):
         return len(self.labels)
 
     def __getitems__(self, batch: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+        from torchvision import tv_tensors
+
         seed, idx = batch[0]
         with torch.random.fork_rng(devices=[]):  # never disturb the trainer's global RNG
             torch.manual_seed(seed)
@@ -311,6 +315,8 @@ def decode_crop_tensor(
     The eval transform is the exported model's own (``TF.resize`` of the shorter side, then
     ``TF.center_crop``), so evaluation and serving see the same pixels.
     """
+    import torchvision.transforms.v2.functional as TF
+
     if box is None:
         x = TF.resize(x, [aug.resize_size], antialias=True)
         return TF.center_crop(x, [size, size])

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from ..atomic import atomic_write_json, fsync_dir
@@ -130,6 +129,8 @@ def _fit(x: torch.Tensor, size: int) -> torch.Tensor:
     """Resize the shorter side to ``size`` (antialiased) and center-crop a square; uint8 CHW."""
     if x.shape[-2:] == (size, size):
         return x
+    import torchvision.transforms.v2.functional as TF  # here: see cnn.data's docstring
+
     x = TF.resize(x, size, antialias=True)
     return TF.center_crop(x, [size, size])
 

@@ -9,6 +9,7 @@ so there is one source of truth for them.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import http.client
@@ -24,12 +25,10 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import torch
-import torchvision.datasets as tvd
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..atomic import atomic_write
 from ..folders import find_folder_root, visible_entries
@@ -37,8 +36,12 @@ from ..folders import find_folder_root, visible_entries
 log = logging.getLogger(__name__)
 
 MIRROR_ENV = "CNNPIPE_DATA_MIRROR"
-# torchvision's list plus GIF: the ants/bees set has a (valid) `imageNotFound.gif`.
-IMAGE_EXTENSIONS = tuple(sorted({*IMG_EXTENSIONS, ".gif"}))
+# torchvision's IMG_EXTENSIONS plus GIF (the ants/bees set has a valid `imageNotFound.gif`),
+# written out so that scanning a folder needs no torchvision (tests/test_data_sources.py keeps
+# it equal to torchvision's list).
+IMAGE_EXTENSIONS = (
+    ".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"
+)  # fmt: skip
 SPLITS = ("train", "val", "test")
 
 
@@ -75,37 +78,45 @@ def _urls(filename: str, bases: Sequence[str]) -> tuple[str, ...]:
     return tuple(b.rstrip("/") + "/" + filename for b in bases)
 
 
-def _cifar_spec(name: str, cls: type[tvd.CIFAR10]) -> SourceSpec:
+def _cifar_spec(name: str, cls: Any) -> SourceSpec:
     base = cls.url.rsplit("/", 1)[0]
     return SourceSpec(
         name, name, (RemoteFile(cls.filename, cls.tgz_md5, _urls(cls.filename, [base])),)
     )
 
 
-def _mnist_spec(name: str, cls: type[tvd.MNIST]) -> SourceSpec:
+def _mnist_spec(name: str, cls: Any) -> SourceSpec:
     files = tuple(RemoteFile(f, md5, _urls(f, cls.mirrors)) for f, md5 in cls.resources)
     return SourceSpec(name, name, files)
 
 
-SOURCES: dict[str, SourceSpec] = {
-    "cifar10": _cifar_spec("cifar10", tvd.CIFAR10),
-    "cifar100": _cifar_spec("cifar100", tvd.CIFAR100),
-    "mnist": _mnist_spec("mnist", tvd.MNIST),
-    "fashion-mnist": _mnist_spec("fashion-mnist", tvd.FashionMNIST),
-}
-DATASETS = (*SOURCES, "imagefolder")
+@functools.cache
+def _sources() -> dict[str, SourceSpec]:
+    """The specs, from torchvision's dataset classes (their URLs and md5s): built on first use,
+    so an image-folder job never imports torchvision for them."""
+    import torchvision.datasets as tvd
+
+    return {
+        "cifar10": _cifar_spec("cifar10", tvd.CIFAR10),
+        "cifar100": _cifar_spec("cifar100", tvd.CIFAR100),
+        "mnist": _mnist_spec("mnist", tvd.MNIST),
+        "fashion-mnist": _mnist_spec("fashion-mnist", tvd.FashionMNIST),
+    }
+
+
+DATASETS = ("cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder")
 
 
 def get_source(name: str) -> SourceSpec:
     """The spec of a downloadable dataset; a bad name lists the valid ones."""
     key = name.lower().replace("_", "-")
     key = {"fashionmnist": "fashion-mnist"}.get(key, key)
-    if key not in SOURCES:
+    if key not in DATASETS or key == "imagefolder":
         raise ValueError(
             f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)} "
             "(use 'imagefolder' for a directory of train/<class>/<image> files)"
         )
-    return SOURCES[key]
+    return _sources()[key]
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,29 +300,38 @@ class RawSplit:
     labels: torch.Tensor
 
 
-# torchvision's CIFAR classes check each batch file against the *official* md5s, which any
-# other bytes (our generated test archives, a re-packed mirror) cannot match. We verify the
-# archive's md5 against the spec on download, so these subclasses clear the per-member md5s
-# (torchvision's `check_integrity(path, None)` then only checks that the file exists) and
-# otherwise use torchvision's reader unchanged.
-class CIFAR10Files(tvd.CIFAR10):
-    train_list = [[f, None] for f, _ in tvd.CIFAR10.train_list]
-    test_list = [[f, None] for f, _ in tvd.CIFAR10.test_list]
-    meta = {**tvd.CIFAR10.meta, "md5": None}
+@functools.cache
+def _readers() -> dict[str, Any]:
+    """torchvision's dataset class that reads each kind (imported on first use).
+
+    torchvision's CIFAR classes check each batch file against the *official* md5s, which any
+    other bytes (our generated test archives, a re-packed mirror) cannot match. We verify the
+    archive's md5 against the spec on download, so these subclasses clear the per-member md5s
+    (torchvision's `check_integrity(path, None)` then only checks that the file exists) and
+    otherwise use torchvision's reader unchanged."""
+    import torchvision.datasets as tvd
+
+    class CIFAR10Files(tvd.CIFAR10):
+        train_list = [[f, None] for f, _ in tvd.CIFAR10.train_list]
+        test_list = [[f, None] for f, _ in tvd.CIFAR10.test_list]
+        meta = {**tvd.CIFAR10.meta, "md5": None}
+
+    class CIFAR100Files(tvd.CIFAR100):
+        train_list = [[f, None] for f, _ in tvd.CIFAR100.train_list]
+        test_list = [[f, None] for f, _ in tvd.CIFAR100.test_list]
+        meta = {**tvd.CIFAR100.meta, "md5": None}
+
+    return {"cifar10": CIFAR10Files, "cifar100": CIFAR100Files,
+            "mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST}  # fmt: skip
 
 
-class CIFAR100Files(tvd.CIFAR100):
-    train_list = [[f, None] for f, _ in tvd.CIFAR100.train_list]
-    test_list = [[f, None] for f, _ in tvd.CIFAR100.test_list]
-    meta = {**tvd.CIFAR100.meta, "md5": None}
-
-
-_READERS: dict[str, type[tvd.VisionDataset]] = {
-    "cifar10": CIFAR10Files,
-    "cifar100": CIFAR100Files,
-    "mnist": tvd.MNIST,
-    "fashion-mnist": tvd.FashionMNIST,
-}
+def __getattr__(name: str) -> Any:
+    """`SOURCES` and the CIFAR reader classes, built on first use (see `_sources`)."""
+    if name == "SOURCES":
+        return _sources()
+    if name in ("CIFAR10Files", "CIFAR100Files"):
+        return _readers()[name.removesuffix("Files").lower()]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def fetch_source(
@@ -341,7 +361,7 @@ def fetch_source(
         safe_extract(paths[0], root)
     else:
         # torchvision's MNIST reader wants the *uncompressed* idx files in <root>/<Class>/raw.
-        cls_dir = root / _READERS[spec.kind].__name__ / "raw"
+        cls_dir = root / _readers()[spec.kind].__name__ / "raw"
         cls_dir.mkdir(parents=True, exist_ok=True)
         for p in paths:
             out = cls_dir / (p.name[:-3] if p.suffix == ".gz" else p.name)
@@ -358,7 +378,7 @@ def _files_digest(spec: SourceSpec) -> str:
 
 def read_source(spec: SourceSpec, root: str | Path) -> tuple[dict[str, RawSplit], list[str]]:
     """Read train and test with torchvision's dataset classes; returns (splits, class names)."""
-    cls = _READERS[spec.kind]
+    cls = _readers()[spec.kind]
     out = {}
     classes: list[str] = []
     for split, train in (("train", True), ("test", False)):
