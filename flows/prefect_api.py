@@ -239,20 +239,38 @@ def stop() -> None:
 
 
 def _migrate_under_lock() -> None:
-    """Create or upgrade Prefect's database holding a lock in PREFECT_HOME. Two commands started
-    together on a new PREFECT_HOME would otherwise both run the migrations, and one server dies
-    on "duplicate column". The server's own start-up then finds nothing left to do."""
+    """Create or upgrade Prefect's database and register its block types, holding a lock in
+    PREFECT_HOME. Servers started together on a new PREFECT_HOME would otherwise each run both,
+    and one dies on "duplicate column" (migrations) or "UNIQUE constraint failed:
+    block_type.slug" (block registration, seen once in 5 tries with 3 servers on 2 busy cores).
+    Each server's own start-up then finds the tables and block types there: nothing to insert."""
     import asyncio
 
     import prefect.settings
     from prefect.server.database import provide_database_interface
+    from prefect.server.models.block_registration import run_block_auto_registration
 
-    if not prefect.settings.PREFECT_API_DATABASE_MIGRATE_ON_START.value():
+    migrate = prefect.settings.PREFECT_API_DATABASE_MIGRATE_ON_START.value()
+    # Registration costs ~0.5 s: only while Prefect's memo store does not yet record it (a new
+    # PREFECT_HOME); after that each server's start-up skips it or only updates existing rows.
+    memo = prefect.settings.PREFECT_MEMO_STORE_PATH.value()
+    registered = memo.is_file() and "block_auto_registration" in memo.read_text(errors="replace")
+    register = prefect.settings.PREFECT_API_BLOCKS_REGISTER_ON_START.value() and not registered
+    if not (migrate or register):
         return
+
+    async def prepare_database() -> None:
+        db = provide_database_interface()
+        if migrate:
+            await db.create_db()
+        if register:
+            async with await db.session() as session:
+                await run_block_auto_registration(session=session)
+
     home = _prefect_home()
     home.mkdir(parents=True, exist_ok=True)
     with file_lock(home / ".cnnpipe-migrate.lock"):
-        asyncio.run(provide_database_interface().create_db())
+        asyncio.run(prepare_database())
 
 
 def _serve_when_told(uvicorn_args: list[str]) -> None:

@@ -206,4 +206,4 @@ def test_servers_started_together_on_a_new_home_all_come_up(tmp_path: Path) -> N
     for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
         report = json.loads(out.strip().splitlines()[-1])
-        assert report.get("health") == "true", report.get("error") or err[-3000:]
+        assert report.get("health") == "true", f"{report.get('error')}\n{err[-3000:]}"
