@@ -63,7 +63,7 @@ def prepare_dataset(
 ) -> PreparedInfo:
     """Decode once into <cache_dir>/<dataset>-<key>/ (tensor cache or shard store); cached by
     its inputs, retried on I/O."""
-    from cnn.data.prepare import prepare_dataset as prepare  # torchvision: only on a cache miss
+    from cnn.data.prepare import prepare_dataset as prepare  # the decoding side: on a cache miss
 
     return prepare(
         dataset,
