@@ -106,6 +106,7 @@ def plan_deployments(
     dataset: str | None = None,
     data_dir: str | None = None,
     epochs: int | None = None,
+    batch_size: int | None = None,
     register_as: str | None = None,
     models: str | list[str] | tuple[str, ...] | None = None,
     nightly_cron: str = DEFAULT_NIGHTLY_CRON,
@@ -139,7 +140,7 @@ def plan_deployments(
         # The flow would look for ./data in the worker's directory, not where deploy runs.
         raise ValueError("--dataset imagefolder needs --data-dir DIR (train/<class>/<image>)")
     common = _drop_none(
-        {"dataset": dataset, "data_dir": data_dir, "epochs": epochs,
+        {"dataset": dataset, "data_dir": data_dir, "epochs": epochs, "batch_size": batch_size,
          "train_timeout_seconds": train_timeout}
     )  # fmt: skip
     train = TrainRequest(**common, **_drop_none({"model": model, "register_as": register_as}))
@@ -378,6 +379,7 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         data_dir=args.data_dir,
         epochs=args.epochs,
+        batch_size=args.batch_size,
         register_as=args.register_as,
         models=args.models,
         nightly_cron=args.nightly_cron,
@@ -446,6 +448,9 @@ def register_deploy_command(subparsers: argparse._SubParsersAction) -> None:
         help="data folder, stored as an absolute path; None: the flow's default",
     )
     p.add_argument("--epochs", type=int, default=None, help="None: the recipe's")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="global batch size; None: the recipe's"
+    )
     p.add_argument(
         "--register-as",
         default=None,

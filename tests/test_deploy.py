@@ -29,6 +29,7 @@ from servers import (
 )
 
 from flows import deploy
+from flows.cli import build_parser
 from flows.cli import main as cnnpipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,6 +134,23 @@ def test_plan_uses_defaults_and_pins_data_dir(tmp_path: Path) -> None:
         }
     }  # register_as=None is not stored: the flow's default applies
     assert weekly.parameters["request"]["models"] == ["lenet5"]
+
+
+def test_a_folder_too_small_for_the_batch_is_fixed_with_deploys_own_flag(tmp_path: Path) -> None:
+    """The plan's advice (`use --batch-size N`) names a flag that `deploy` has: following it
+    plans both deployments, which store the batch size."""
+    import re
+
+    data = make_imagefolder(tmp_path / "imgs", n_train=4, n_val=1, size=8, formats=("png",))
+    with pytest.raises(ValueError, match="--batch-size") as info:
+        deploy.plan_deployments(dataset="imagefolder", data_dir=str(data), models="lenet5")
+    fit = int(re.search(r"--batch-size (\d+)", str(info.value)).group(1))
+    args = build_parser().parse_args(["deploy", "--batch-size", str(fit)])
+    nightly, weekly = deploy.plan_deployments(
+        dataset="imagefolder", data_dir=str(data), models="lenet5", batch_size=args.batch_size
+    )
+    assert nightly.parameters["request"]["batch_size"] == fit
+    assert weekly.parameters["request"]["batch_size"] == fit
 
 
 def test_deployments_queue_carry_a_timeout_and_are_tagged(tmp_path: Path) -> None:
