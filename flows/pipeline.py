@@ -182,8 +182,8 @@ def _record_run(
         )
 
 
-# What evaluation and registration import that planning and launching a job did not: loaded
-# while the job runs (tasks.common.imports_in_background).
+# What registration imports that planning and launching a job did not (evaluation needs none
+# of it): loaded while the job runs (tasks.common.imports_in_background).
 AFTER_TRAINING_IMPORTS = (
     "torchvision",
     "cnn.export",
@@ -286,7 +286,7 @@ def train_pipeline(request: TrainRequest = TRAIN_DEFAULTS) -> dict[str, Any]:
             _stage(timings, "train"),
             gpu_limit.host_gpus(_gpus_used(cfg, launch)),
             _training_log(Path(cfg.run.output_dir), flow_run_id),
-            imports_in_background(AFTER_TRAINING_IMPORTS),
+            imports_in_background(AFTER_TRAINING_IMPORTS if request.to_registry else ()),
         ):
             train_out = _train_task(request)(cfg, launch)
         timings["train_job"] = round(train_out["job_seconds"], 3)
