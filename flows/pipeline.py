@@ -182,11 +182,10 @@ def _record_run(
         )
 
 
-# What registration imports that planning and launching a job did not (evaluation needs none
-# of it): loaded while the job runs (tasks.common.imports_in_background).
-AFTER_TRAINING_IMPORTS = (
-    "torchvision",
-    "cnn.export",
+# What evaluation (the exported model's sample grid) and registration import that planning and
+# launching a job did not: loaded while the job runs (tasks.common.imports_in_background).
+EVALUATE_IMPORTS = ("torchvision", "cnn.export")
+REGISTER_IMPORTS = (
     "torch.export._trace",  # what torch.export.export imports on its first call (~0.7 s)
     "mlflow.pyfunc",
     "git",
@@ -286,7 +285,9 @@ def train_pipeline(request: TrainRequest = TRAIN_DEFAULTS) -> dict[str, Any]:
             _stage(timings, "train"),
             gpu_limit.host_gpus(_gpus_used(cfg, launch)),
             _training_log(Path(cfg.run.output_dir), flow_run_id),
-            imports_in_background(AFTER_TRAINING_IMPORTS if request.to_registry else ()),
+            imports_in_background(
+                EVALUATE_IMPORTS + (REGISTER_IMPORTS if request.to_registry else ())
+            ),
         ):
             train_out = _train_task(request)(cfg, launch)
         timings["train_job"] = round(train_out["job_seconds"], 3)

@@ -101,7 +101,7 @@ def test_models_lists_what_the_registry_has(capsys: pytest.CaptureFixture[str]) 
 # The pipeline's own process up to the job's launch: the flow module and its tasks imported, a
 # lenet5 request planned, Prefect's stored prepare result unpickled, the store checked, the
 # model built. None of it may import torchvision (~1.6 s with torch._dynamo), which loads in
-# the background while the job runs (flows.pipeline.AFTER_TRAINING_IMPORTS).
+# the background while the job runs (flows.pipeline.EVALUATE_IMPORTS, REGISTER_IMPORTS).
 _LAUNCH_PROBE = """
 import json, pickle, sys
 import flows.pipeline
