@@ -207,17 +207,23 @@ def test_imports_in_background_load_during_the_block_and_skip_failures(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The pipeline loads what evaluation and registration need while the job runs: in a
-    thread, done when the block ends; a module that fails to import is left to its user."""
-    (tmp_path / "slow_mod.py").write_text(
-        "import threading, time\ntime.sleep(0.3)\nTHREAD = threading.current_thread().name\n"
+    thread, the block not waiting for it, done when the block ends; a module that fails to
+    import is left to its user."""
+    gate = threading.Event()
+    (tmp_path / "gated_mod.py").write_text(
+        "import threading\nimport gate_holder\ngate_holder.GATE.wait(60)\n"
+        "THREAD = threading.current_thread().name\n"
     )
     (tmp_path / "broken_mod.py").write_text("raise RuntimeError('broken')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    for name in ("slow_mod", "broken_mod"):
+    holder = type(sys)("gate_holder")
+    holder.GATE = gate  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "gate_holder", holder)
+    for name in ("gated_mod", "broken_mod"):
         monkeypatch.delitem(sys.modules, name, raising=False)
-    t0 = time.perf_counter()
-    with imports_in_background(["broken_mod", "slow_mod"]):
-        entered = time.perf_counter() - t0
-    assert entered < 0.25  # the block did not wait for the imports
-    assert sys.modules["slow_mod"].THREAD == "imports-in-background"
+    with imports_in_background(["broken_mod", "gated_mod"]):
+        # The block runs while the import waits at the gate: it was not waited for.
+        assert not hasattr(sys.modules.get("gated_mod"), "THREAD")
+        gate.set()
+    assert sys.modules["gated_mod"].THREAD == "imports-in-background"  # done at the block's end
     assert "broken_mod" not in sys.modules
