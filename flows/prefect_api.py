@@ -238,7 +238,7 @@ def stop() -> None:
         _SERVER.pop().stop()
 
 
-def _migrate_under_lock() -> None:
+def _prepare_database_under_lock() -> None:
     """Create or upgrade Prefect's database and register its block types, holding a lock in
     PREFECT_HOME. Servers started together on a new PREFECT_HOME would otherwise each run both,
     and one dies on "duplicate column" (migrations) or "UNIQUE constraint failed:
@@ -280,7 +280,7 @@ def _serve_when_told(uvicorn_args: list[str]) -> None:
     from uvicorn.main import main as uvicorn_main
 
     if sys.stdin.readline().strip() == "serve":
-        _migrate_under_lock()
+        _prepare_database_under_lock()
         uvicorn_main(uvicorn_args)
 
 
