@@ -178,6 +178,18 @@ def test_crop_without_padding_is_identity_up_to_flip() -> None:
         assert torch.equal(a[i], x[i]) or torch.equal(a[i], x[i].flip(-1))
 
 
+def test_flip_without_crop_matches_the_gather_path() -> None:
+    """The no-crop shortcut (batch or its mirror, picked per sample) draws and returns exactly
+    what the gather does: the same generator stream, so a seed's augmentations do not change."""
+    x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    fast = random_crop_flip(x, 8, 0, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    torch.randint(0, 1, (16,), generator=g), torch.randint(0, 1, (16,), generator=g)  # dy, dx
+    flips = torch.rand(16, generator=g) < 0.5
+    assert 0 < int(flips.sum()) < 16
+    assert torch.equal(fast, torch.where(flips[:, None, None, None], x.flip(-1), x))
+
+
 def test_stream_path_matches_memory_sampling(tmp_path: Path) -> None:
     prep = _prepared(30)
     kw = dict(input_size=8, style="cifar", batch_size=6, world_size=2, rank=1, seed=4)

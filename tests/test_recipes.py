@@ -221,6 +221,7 @@ def _bench_main():
     [
         (["--data-dir", "/nonexistent/data"], "cifar10-jpeg-train.tar.gz not found"),
         (["--target", "67"], "--target 67.0 must be a fraction"),
+        (["--rounds", "0"], "--rounds 0 must be at least 1"),
     ],
 )
 def test_bench_train_refuses_bad_arguments(

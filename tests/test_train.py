@@ -21,7 +21,7 @@ from cnn.callbacks import FaultInjection
 from cnn.checkpoint import load_checkpoint, load_model_from_checkpoint
 from cnn.config import TrainConfig
 from cnn.evaluate import evaluate
-from cnn.train import build_scheduler, main, param_groups, train
+from cnn.train import build_optimizer, build_scheduler, main, param_groups, train
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("ant", "bee", "wasp")
@@ -262,6 +262,31 @@ def test_no_weight_decay_on_norm_and_bias() -> None:
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert {p.shape for p in decay["params"]} == {(4, 3, 3, 3), (2, 4)}
     assert len(no_decay["params"]) == 4  # conv bias, bn weight, bn bias, linear bias
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_optimizer_is_fused_and_steps_like_the_loop(name: str) -> None:
+    """CPU parameters get torch's fused kernel (one call for all of them); its update equals
+    the per-parameter loop's (torch's CPU default) up to float rounding."""
+    torch.manual_seed(0)
+    cfg = TrainConfig().replace(optimizer=name, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    if name == "sgd":
+        cfg = cfg.replace(nesterov=True)
+    models = [torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(6, 2)) for _ in "ab"]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = build_optimizer(cfg, models[0])
+    assert fused.defaults["fused"] is True
+    groups = [{**g, "fused": None, "foreach": False} for g in param_groups(models[1], 5e-4)]
+    same = ("lr", "momentum", "nesterov", "betas")
+    loop = type(fused)(groups, **{k: v for k, v in fused.defaults.items() if k in same})
+    x = torch.randn(5, 3, 8, 8)
+    for _ in range(3):
+        for model, opt in zip(models, (fused, loop), strict=True):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("epochs", [3, 10])
