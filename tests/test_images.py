@@ -87,3 +87,43 @@ def test_16_bit_grayscale_keeps_its_high_bits(tmp_path: Path, fmt: str) -> None:
     data, h, w = encode_capped(path, cap=64)  # the shard store's re-encoded JPEG
     stored = np.asarray(Image.open(io.BytesIO(data)).convert("L")).astype(int)
     assert (h, w) == (12, 10) and np.abs(stored - want).mean() < 8  # JPEG, not white
+
+
+def _photo_with_orientation(path: Path, orientation: int, fmt: str = "JPEG") -> np.ndarray:
+    """A 40x24 picture saved with an EXIF orientation tag (as phones store photos); returns the
+    upright pixels a viewer shows (HWC), which is what every decoder here must return."""
+    yy, xx = np.mgrid[0:24, 0:40]
+    pixels = np.stack([xx * 6, yy * 10, 255 - xx * 6], axis=-1).astype(np.uint8)  # no symmetry
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, format=fmt, exif=exif, quality=95)
+    from PIL import ImageOps
+
+    with Image.open(path) as img:
+        return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_exif_orientation_is_applied(tmp_path: Path, orientation: int, fmt: str) -> None:
+    """A phone photo stored sideways with an orientation tag is decoded upright, the way every
+    viewer shows it, in the tensor cache, the shard store and predict alike."""
+    from cnn.data.images import encode_capped
+    from cnn.export import load_image
+
+    path = tmp_path / f"photo.{fmt.lower()}"
+    upright = _photo_with_orientation(path, orientation, fmt).astype(int)
+    h, w = upright.shape[:2]
+    assert (h, w) == ((40, 24) if orientation in (6, 8) else (24, 40))
+    for rgb in (decode_file(path, 64), load_image(path)):
+        assert tuple(rgb.shape) == (3, h, w)
+        assert np.abs(rgb.permute(1, 2, 0).numpy().astype(int) - upright).mean() < 3
+    for cap in (64, 12):  # stored as is (within the cap) or downscaled: upright either way
+        data, sh, sw = encode_capped(path, cap=cap)
+        with Image.open(io.BytesIO(data)) as img:
+            assert img.getexif().get(0x0112, 1) == 1  # nothing left for a decoder to apply
+            stored = np.asarray(img.convert("RGB")).astype(int)
+        assert stored.shape[:2] == (sh, sw) and min(sh, sw) == min(cap, 24)
+        assert (sh > sw) == (h > w)
+        if cap == 64:
+            assert np.abs(stored - upright).mean() < 4

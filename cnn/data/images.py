@@ -13,11 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 # Pillow's own decompression-bomb limit (about 89 M pixels, a 9459x9459 image).
 MAX_IMAGE_PIXELS = 89_478_485
 JPEG_QUALITY = 90
+# EXIF tag 0x0112: how a camera stored the picture (1 = upright; 3, 6, 8 = rotated 180, 90 CW,
+# 90 CCW; 2, 4, 5, 7 mirrored). Phones store photos sideways with this tag, and every viewer
+# applies it; so does every decoder here, or a folder of phone photos trains on sideways images.
+ORIENTATION = 0x0112
 
 
 def open_checked(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
@@ -107,19 +111,32 @@ def decode_file(
     if size is not None:  # JPEG/PNG: checked from the bytes, decoded by torchvision
         _check_pixels(path, *size, max_pixels)
         with contextlib.suppress(RuntimeError):  # e.g. a PNG variant libpng refuses: PIL below
-            x = decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), ImageReadMode.RGB)
+            x = decode_image(
+                torch.frombuffer(bytearray(raw), dtype=torch.uint8),
+                ImageReadMode.RGB,
+                apply_exif_orientation=True,
+            )
             if x.dtype == torch.uint16:  # a 16-bit PNG: its 8 high bits (no uint16 shift op)
                 x = (x.to(torch.int32) >> 8).to(torch.uint8)
             return x[0] if x.ndim == 4 else x
     with open_checked(path, max_pixels) as img:
-        fmt = img.format
-    if size is None and fmt in ("GIF", "WEBP"):  # the bytes are read already: no second read
+        fmt, upright = img.format, _orientation(img) == 1
+    if size is None and fmt in ("GIF", "WEBP") and upright:  # torchvision ignores their EXIF
         with contextlib.suppress(RuntimeError):  # a variant torchvision refuses: PIL below
             x = decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), ImageReadMode.RGB)
             return x[0] if x.ndim == 4 else x
     with open_checked(path, max_pixels) as img:
         img.draft("RGB", (size_hint, size_hint))
-        return torch.from_numpy(np.array(to_rgb(img), dtype=np.uint8)).permute(2, 0, 1)
+        rgb = to_rgb(ImageOps.exif_transpose(img))
+        return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag of an opened image (1, upright, when there is none)."""
+    try:
+        return int(img.getexif().get(ORIENTATION, 1))
+    except Exception:  # a malformed EXIF block: decoders ignore it too
+        return 1
 
 
 def encode_capped(
@@ -130,11 +147,19 @@ def encode_capped(
     An RGB or grayscale JPEG already within the cap is stored byte for byte (no generation
     loss, no work); anything else is decoded (at a reduced DCT scale when the JPEG is much
     larger than the cap), resized so its shorter side equals ``cap`` and re-encoded.
+    A photo with an EXIF orientation is stored upright (rotated, re-encoded, no tag left), so
+    that every reader of the store sees what a viewer shows.
     Returns (bytes, height, width) of the stored image.
     """
     with open_checked(path, max_pixels) as img:
         w, h = img.size
-        if img.format == "JPEG" and img.mode in ("RGB", "L") and min(w, h) <= cap:
+        orientation = _orientation(img)
+        if (
+            img.format == "JPEG"
+            and img.mode in ("RGB", "L")
+            and min(w, h) <= cap
+            and orientation == 1
+        ):
             # Verify it decodes (at 1/8 scale: the whole entropy stream is read, a truncated or
             # corrupt file fails here by name, not in a training worker).
             img.draft(img.mode, (max(1, w // 8), max(1, h // 8)))
@@ -145,7 +170,10 @@ def encode_capped(
         if img.format == "JPEG":
             img.draft("RGB", (tw, th))  # DCT-scaled decode: never below the target size
         img.seek(0)
-        rgb = to_rgb(img)
+        upright = ImageOps.exif_transpose(img)
+        if upright.size != img.size:  # a quarter turn (Pillow's TIFF reader turns on open)
+            tw, th = th, tw
+        rgb = to_rgb(upright)
         if rgb.size != (tw, th):
             rgb = rgb.resize((tw, th), Image.BILINEAR, reducing_gap=2.0)
         buf = io.BytesIO()

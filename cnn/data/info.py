@@ -14,8 +14,11 @@ from pathlib import Path
 __all__ = ["FORMAT_VERSION", "PreparedInfo"]
 
 # The tensor cache's format (its meta.json "format"); part of the cache key and of Prefect's
-# cache key for the prepare task (tasks/prepare.py).
-FORMAT_VERSION = 1
+# cache key for the prepare task (tasks/prepare.py). Bumped when decoding changes what a cache
+# holds, so that older caches (and shard stores, whose key includes it) are rebuilt, not mixed:
+# 2: EXIF orientation applied (photos stored sideways are upright); 16-bit images keep their
+# high bits (caches from before that fix held white images).
+FORMAT_VERSION = 2
 
 
 @dataclass
