@@ -127,3 +127,28 @@ def test_exif_orientation_is_applied(tmp_path: Path, orientation: int, fmt: str)
         assert (sh > sw) == (h > w)
         if cap == 64:
             assert np.abs(stored - upright).mean() < 4
+
+
+@pytest.mark.parametrize(
+    "exif",
+    [
+        b"Exif\x00\x00" + b"\x00" * 300,  # no TIFF header
+        b"Exif\x00\x00II*\x00\xff\xff\xff\x7f",  # IFD offset past the end
+        b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x09\x00\x00",
+    ],
+    ids=["garbage", "truncated", "orientation-9"],
+)
+def test_malformed_exif_decodes_unturned(tmp_path: Path, exif: bytes) -> None:
+    """A broken EXIF block (or an orientation outside 1-8) is ignored, as viewers do: the image
+    decodes as stored instead of failing the dataset."""
+    from cnn.data.images import encode_capped
+
+    yy, xx = np.mgrid[0:24, 0:40]
+    pixels = np.stack([xx * 6, yy * 10, 255 - xx * 6], axis=-1).astype(np.uint8)
+    for fmt in ("JPEG", "PNG"):
+        path = tmp_path / f"x.{fmt.lower()}"
+        Image.fromarray(pixels).save(path, format=fmt, exif=exif, quality=95)
+        x = decode_file(path, 64)
+        assert tuple(x.shape) == (3, 24, 40)
+        assert np.abs(x.permute(1, 2, 0).numpy().astype(int) - pixels.astype(int)).mean() < 8
+        assert encode_capped(path, cap=64)[1:] == (24, 40)

@@ -127,8 +127,17 @@ def decode_file(
             return x[0] if x.ndim == 4 else x
     with open_checked(path, max_pixels) as img:
         img.draft("RGB", (size_hint, size_hint))
-        rgb = to_rgb(ImageOps.exif_transpose(img))
+        rgb = to_rgb(_upright(img))
         return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """`img` turned as its EXIF orientation says; as it is when that EXIF block is malformed
+    (a viewer shows such a file unturned too)."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:
+        return img
 
 
 def _orientation(img: Image.Image) -> int:
@@ -170,7 +179,7 @@ def encode_capped(
         if img.format == "JPEG":
             img.draft("RGB", (tw, th))  # DCT-scaled decode: never below the target size
         img.seek(0)
-        upright = ImageOps.exif_transpose(img)
+        upright = _upright(img)
         if upright.size != img.size:  # a quarter turn (Pillow's TIFF reader turns on open)
             tw, th = th, tw
         rgb = to_rgb(upright)
