@@ -89,11 +89,16 @@ def test_16_bit_grayscale_keeps_its_high_bits(tmp_path: Path, fmt: str) -> None:
     assert (h, w) == (12, 10) and np.abs(stored - want).mean() < 8  # JPEG, not white
 
 
+def _gradient() -> np.ndarray:
+    """A 40x24 RGB picture with no symmetry (a turn or mirror changes it) that JPEG keeps well."""
+    yy, xx = np.mgrid[0:24, 0:40]
+    return np.stack([xx * 6, yy * 10, 255 - xx * 6], axis=-1).astype(np.uint8)
+
+
 def _photo_with_orientation(path: Path, orientation: int, fmt: str = "JPEG") -> np.ndarray:
     """A 40x24 picture saved with an EXIF orientation tag (as phones store photos); returns the
     upright pixels a viewer shows (HWC), which is what every decoder here must return."""
-    yy, xx = np.mgrid[0:24, 0:40]
-    pixels = np.stack([xx * 6, yy * 10, 255 - xx * 6], axis=-1).astype(np.uint8)  # no symmetry
+    pixels = _gradient()
     exif = Image.Exif()
     exif[0x0112] = orientation
     Image.fromarray(pixels).save(path, format=fmt, exif=exif, quality=95)
@@ -143,8 +148,7 @@ def test_malformed_exif_decodes_unturned(tmp_path: Path, exif: bytes) -> None:
     decodes as stored instead of failing the dataset."""
     from cnn.data.images import encode_capped
 
-    yy, xx = np.mgrid[0:24, 0:40]
-    pixels = np.stack([xx * 6, yy * 10, 255 - xx * 6], axis=-1).astype(np.uint8)
+    pixels = _gradient()
     for fmt in ("JPEG", "PNG"):
         path = tmp_path / f"x.{fmt.lower()}"
         Image.fromarray(pixels).save(path, format=fmt, exif=exif, quality=95)
