@@ -32,6 +32,15 @@ def tracking_uri(configured: str | None = None) -> str:
     )
 
 
+def sqlite_database(uri: str) -> str | None:
+    """The database file named by a ``sqlite:`` tracking URI, without query parameters: ""
+    when it names none (``sqlite://``, an in-memory store, like ``:memory:``); None for any
+    other kind of store. The one parser of these URIs (plan checks, store probes)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    return uri.removeprefix("sqlite:///").split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+
+
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested dict -> {"a.b": "value"} strings (MLflow params are flat strings)."""
     out: dict[str, str] = {}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from cnn.tracking import sqlite_database
 from cnn.tracking import tracking_uri as _default_tracking_uri
 
 DEFAULT_EXPERIMENT = "cnnpipe"
@@ -38,10 +39,9 @@ def experiment_name(name: str | None = None) -> str:
 
 
 def _sqlite_path(uri: str) -> Path | None:
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
-    return Path(path) if path and path != ":memory:" else None
+    """The database file of a local SQLite store (None: a server, or an in-memory store)."""
+    raw = sqlite_database(uri)
+    return Path(raw) if raw and raw != ":memory:" else None
 
 
 def store_exists(uri: str) -> bool:

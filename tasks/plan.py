@@ -312,12 +312,12 @@ def check_cache_dir(cache_dir: str | Path | None, data_dir: str | Path) -> None:
 def check_tracking_destination(uri: str | None = None) -> str:
     """A local SQLite MLflow store's folder exists: never create a folder that was not asked
     for (a mistyped sqlite:////nonexistent/dir/mlflow.db would otherwise create /nonexistent)."""
-    from cnn.tracking import tracking_uri
+    from cnn.tracking import sqlite_database, tracking_uri
 
     uri = tracking_uri(uri)
-    if not uri.startswith("sqlite:"):
+    raw = sqlite_database(uri)
+    if raw is None:
         return uri
-    raw = uri.removeprefix("sqlite:///").split("?", 1)[0] if uri.startswith("sqlite:///") else ""
     if raw in ("", ":memory:"):
         raise ValueError(
             f"MLflow store {uri} is an in-memory database, private to each process: the "

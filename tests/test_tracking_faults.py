@@ -76,3 +76,23 @@ def test_a_job_shorter_than_the_sampling_interval_still_records_system_metrics(
     metrics = c.get_run(run_id).data.metrics
     assert any(k.startswith("system/cpu_utilization") for k in metrics), metrics
     assert metrics["val_accuracy"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("uri", "database"),
+    [
+        ("sqlite:///mlflow.db", "mlflow.db"),
+        ("sqlite:////abs/dir/m.db?timeout=20", "/abs/dir/m.db"),
+        ("sqlite:///:memory:", ":memory:"),
+        ("sqlite://", ""),
+        ("http://127.0.0.1:5000", None),
+        ("databricks", None),
+    ],
+)
+def test_sqlite_database_is_parsed_once_for_all(uri: str, database: str | None) -> None:
+    from cnn.tracking import sqlite_database
+    from tasks.mlflow_utils import _sqlite_path
+
+    assert sqlite_database(uri) == database
+    want = Path(database) if database and database != ":memory:" else None
+    assert _sqlite_path(uri) == want
