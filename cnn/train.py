@@ -837,7 +837,8 @@ def exit_without_teardown(code: int) -> NoReturn:
     """End a finished worker process at once: run the atexit hooks (logging, MLflow), join
     non-daemon threads, flush, then `os._exit`. The interpreter's own teardown (freeing every
     module of torch, torchvision, MLflow one object at a time) measured 2.2 s per rank on the
-    2-core dev VM, after the job's results were already written. Only for a normal return: an
+    2-core dev VM, after the job's results were already written; and gloo's worker threads can
+    abort that teardown with SIGABRT (pytorch/pytorch#190489). Only for a normal return: an
     exception still leaves through `sys.exit`, with its traceback and torchrun's error file."""
     import atexit
 
