@@ -437,26 +437,36 @@ def compare_architectures(request: CompareRequest = COMPARE_DEFAULTS) -> dict[st
     try:
         gpus = min(len(plans), slots.max_jobs) * max(_gpus_used(c, lc) for c, lc in plans)
         hold.enter_context(gpu_limit.host_gpus(gpus))
-        for cfg, launch in plans:
-            child = mlflow_utils.start_run(
-                f"{cfg.model.name}-{info.dataset}",
-                experiment=request.experiment,
-                uri=uri,
-                parent_run_id=parent,
-                tags={
+        # What the first evaluation needs loads while the jobs start (joined after the submits,
+        # while the jobs run), as in the single-model flow.
+        background = EVALUATE_IMPORTS + (REGISTER_IMPORTS if request.to_registry else ())
+        with imports_in_background(background):
+            for cfg, launch in plans:
+                child = mlflow_utils.start_run(
+                    f"{cfg.model.name}-{info.dataset}",
+                    experiment=request.experiment,
+                    uri=uri,
+                    parent_run_id=parent,
+                    tags={
+                        "model": cfg.model.name,
+                        "dataset": info.dataset,
+                        "config_hash": cfg.config_hash(),
+                        **process_tags(),
+                    },
+                )
+                cfg = cfg.replace(
+                    output_dir=str(base / cfg.model.name),
+                    mlflow_run_id=child,
+                    mlflow_tracking_uri=uri,
+                )
+                fut = _train_task(request).submit(cfg, launch, slots)
+                futures[fut] = cfg
+                children[cfg.model.name] = child
+                rows[cfg.model.name] = {
                     "model": cfg.model.name,
-                    "dataset": info.dataset,
-                    "config_hash": cfg.config_hash(),
-                    **process_tags(),
-                },
-            )
-            cfg = cfg.replace(
-                output_dir=str(base / cfg.model.name), mlflow_run_id=child, mlflow_tracking_uri=uri
-            )
-            fut = _train_task(request).submit(cfg, launch, slots)
-            futures[fut] = cfg
-            children[cfg.model.name] = child
-            rows[cfg.model.name] = {"model": cfg.model.name, "run_id": child, "status": "running"}
+                    "run_id": child,
+                    "status": "running",
+                }
         for fut in as_completed(list(futures)):
             cfg = futures[fut]
             row, child = rows[cfg.model.name], children[cfg.model.name]
